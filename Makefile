@@ -1,0 +1,39 @@
+# dlfs: `make train` and `make test` do all the set-up (a .venv in this folder) on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-dlfs
+ARGS   ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install train test test-slow lint clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "  (pass options to dlfs with ARGS, e.g. make train ARGS='experiment=book_boston')"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall when the package's metadata changes; the install is editable, so code edits need none.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e ".[dev]"
+	@touch $@
+
+install: $(STAMP) ## create .venv if missing and install dlfs with its dev tools
+
+train: install ## run `dlfs train` (the embedded default: Boston housing MLP)
+	$(BIN)/dlfs train $(ARGS)
+
+test: install ## the fast offline tests
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-slow: install ## the slow tests only
+	$(BIN)/python -m pytest -q -m slow $(ARGS)
+
+lint: install ## ruff
+	$(BIN)/ruff check dlfs_cli tests
+	$(BIN)/ruff format --check dlfs_cli tests
+
+clean: ## remove the virtual environment and caches (runs in outputs/ are kept)
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

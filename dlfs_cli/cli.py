@@ -1,0 +1,163 @@
+"""`dlfs <command> [overrides]`: picks the Hydra app for the command.
+
+Only hydra, omegaconf and the config schemas are imported here: `dlfs --help` and
+`dlfs train --cfg job` never pay for torch. The training code is imported when a run starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import (
+    ConfigCompositionException,
+    HydraException,
+    MissingConfigException,
+    OverrideParseException,
+)
+from omegaconf import DictConfig
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+from dlfs_cli import __version__
+from dlfs_cli.config import DlfsError, conf_dir, register_configs, validate
+
+register_configs()
+CONF_DIR = str(conf_dir())
+
+
+# --- train -----------------------------------------------------------------------------------
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def _train_app(cfg: DictConfig) -> float | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        validate(cfg)  # train() checks again; here it refuses a bad value before torch's ~2 s import
+        from dlfs_cli.train import train
+
+        metrics = train(cfg, run_dir)
+    except DlfsError as ex:
+        _drop_if_only_hydra_files(run_dir)
+        raise UserError(str(ex)) from None
+    return metrics.get("test_loss")  # what Hydra's sweepers minimise
+
+
+class UserError(SystemExit):
+    """A DlfsError leaving a Hydra task. As a SystemExit it passes through Hydra's job runner, which
+    would otherwise print its own "Error executing job" report before ours."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+
+def _drop_if_only_hydra_files(run_dir: Path) -> None:
+    """A run refused before it began leaves no folder behind (Hydra made one with .hydra/ in it)."""
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra"}:
+        shutil.rmtree(run_dir)
+
+
+# --- the command table: later commands (eval, generate, reproduce, runs) go here --------------
+
+COMMANDS: dict[str, tuple[Callable[[], object], str]] = {
+    "train": (_train_app, "train a model (a Hydra app: KEY=VALUE overrides, -m, --cfg job, --help)"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = [
+        f"dlfs {__version__}: run, sweep and reproduce the models of 'Deep Learning from Scratch' (ch. 7)",
+        "",
+        "usage: dlfs <command> [KEY=VALUE ...] [options]",
+        "",
+        "commands:",
+        *(f"  {name:<{width}}  {doc}" for name, (_, doc) in COMMANDS.items()),
+        "",
+        "Run 'dlfs <command> --help' for a command's config groups and options.",
+    ]
+    return "\n".join(lines)
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"dlfs: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def explain(ex: BaseException) -> str:
+    """One line that names the problem, from Hydra's and OmegaConf's multi-line errors."""
+    if isinstance(ex, MissingConfigException) and ex.options is not None and ex.missing_cfg_file:
+        group, _, option = ex.missing_cfg_file.rpartition("/")
+        return f"unknown option {group}={option}; valid choices: {', '.join(sorted(ex.options))}"
+    cause = ex.__cause__ if isinstance(ex.__cause__, OmegaConfBaseException) else ex
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        key = cause.full_key
+        if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
+            return f"unknown key '{key}'{_did_you_mean(cause)}"
+        first = str(cause).splitlines()[0]
+        return f"invalid value for {key}: {first}"
+    first = next((line for line in str(ex).splitlines() if line.strip()), type(ex).__name__)
+    return first.strip()
+
+
+def _did_you_mean(ex: OmegaConfBaseException) -> str:
+    parent = getattr(ex, "parent_node", None)
+    key = str(getattr(ex, "key", ""))
+    if parent is None or not key:
+        return ""
+    close = difflib.get_close_matches(key, [str(k) for k in parent.keys()], n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(map(str, parent.keys()))})"
+
+
+def _refuse_existing_run(args: list[str]) -> None:
+    """hydra.run.dir=PATH pointing at a finished run would overwrite it: refuse before Hydra starts."""
+    for arg in args:
+        if arg.startswith("hydra.run.dir="):
+            target = Path(arg.split("=", 1)[1])
+            if (target / "summary.json").exists():
+                _fail(f"{target} already holds a run (summary.json); choose another hydra.run.dir")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return
+    if args[0] == "--version":
+        print(f"dlfs {__version__}")
+        return
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        _fail(f"unknown command '{command}'; valid commands: {', '.join(COMMANDS)}")
+    if command == "train":
+        _refuse_existing_run(rest)
+
+    app, _ = COMMANDS[command]
+    # Hydra reads its arguments from sys.argv. HYDRA_FULL_ERROR makes it raise instead of printing
+    # a multi-line report, so that we can print one line that names the key or the option.
+    sys.argv = [f"dlfs {command}", *rest]
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        app()
+    except (DlfsError, UserError) as ex:
+        _fail(str(ex) if isinstance(ex, DlfsError) else ex.message)
+    except OverrideParseException as ex:
+        _fail(f"cannot parse override '{ex.override}': {ex.message.splitlines()[0]}")
+    except (ConfigCompositionException, MissingConfigException, OmegaConfBaseException) as ex:
+        _fail(explain(ex))
+    except HydraException as ex:
+        _fail(explain(ex))
+    except KeyboardInterrupt:
+        print("dlfs: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The book's building blocks as plain nn.Modules: DenseLayer, ConvLayer, LSTMLayer.
+
+`dropout` in the book is a KEEP probability; here the argument is called `dropout_keep` so the
+meaning cannot be misread, and it becomes nn.Dropout(p = 1 - dropout_keep). Train/eval mode is
+PyTorch's own model.train() / model.eval() (the book's `inference=True` flag left layers in eval
+mode for good).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from dlfs_cli.config import Activation, DlfsError
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "none": nn.Identity,
+}
+
+
+def make_activation(name: str | Activation) -> nn.Module:
+    """nn.Module for an activation name; an unknown name lists the valid ones."""
+    key = name.value if isinstance(name, Activation) else name
+    if key not in ACTIVATIONS:
+        raise DlfsError(f"unknown activation '{key}'; valid choices: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[key]()
+
+
+def _dropout(keep: float) -> nn.Module:
+    if not 0 < keep <= 1:
+        raise DlfsError(f"dropout_keep must be in (0, 1], got {keep}")
+    return nn.Dropout(1 - keep) if keep < 1 else nn.Identity()
+
+
+class DenseLayer(nn.Module):
+    """Linear -> activation -> dropout."""
+
+    def __init__(
+        self, input_size: int, neurons: int, activation: str | Activation = "none", dropout_keep: float = 1.0
+    ) -> None:
+        super().__init__()
+        self.linear = nn.Linear(input_size, neurons)
+        self.activation = make_activation(activation)
+        self.dropout = _dropout(dropout_keep)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.activation(self.linear(x)))
+
+
+class ConvLayer(nn.Module):
+    """Conv2d with 'same' padding (filter_size // 2, as in the book) -> activation -> flatten -> dropout."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        filter_size: int,
+        activation: str | Activation = "none",
+        flatten: bool = False,
+        dropout_keep: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, filter_size, padding=filter_size // 2)
+        self.activation = make_activation(activation)
+        self.flatten = flatten
+        self.dropout = _dropout(dropout_keep)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.activation(self.conv(x))
+        if self.flatten:
+            x = x.flatten(start_dim=1)  # (B, C, H, W) -> (B, C*H*W)
+        return self.dropout(x)
+
+
+LSTMState = tuple[Tensor, Tensor]
+
+
+class LSTMLayer(nn.Module):
+    """nn.LSTM(batch_first) over the whole sequence, then a DenseLayer at every time step.
+
+    The carried (h, c) state is passed in and returned rather than kept on the layer: the caller
+    (the trainer) owns it, so it follows the model's device, is never the batch mean of the last
+    states, and evaluation cannot overwrite the training state (three bugs of the book's code).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, output_size: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.lstm = nn.LSTM(input_size, hidden_size, batch_first=True)
+        self.fc = DenseLayer(hidden_size, output_size)
+
+    def forward(self, x: Tensor, state: LSTMState | None = None) -> tuple[Tensor, LSTMState]:
+        """(batch, length, input_size) -> (batch, length, output_size), final (h, c) of shape (1, batch, hidden)."""
+        out, (h, c) = self.lstm(x, state)
+        return self.fc(out), (h, c)
+
+    def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> LSTMState:
+        zeros = torch.zeros(1, batch_size, self.hidden_size, device=device)
+        return zeros, zeros.clone()

@@ -1,0 +1,206 @@
+"""The run folder's text files (config.yaml, metrics.csv, summary.json, train.log) and the progress display."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from rich import get_console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.tree import Tree
+
+from dlfs_cli import __version__
+
+log = logging.getLogger("dlfs")
+
+# The run-folder contract: later commands and users' scripts rely on these names.
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.csv"
+SUMMARY_FILE = "summary.json"
+LOG_FILE = "train.log"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so readers never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def versions() -> dict[str, str | None]:
+    import torch  # only runs that train call this
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "dlfs": __version__, "git": _git_commit()}
+
+
+def _git_commit() -> str | None:
+    """The commit of the dlfs source when it runs from a git checkout; None for an installed wheel."""
+    src = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(src), "rev-parse", "--show-toplevel", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    # Only if the package really lives in that work tree (not a wheel inside someone's repo).
+    if len(out) == 2 and src.is_relative_to(Path(out[0]).resolve()) and (src.parent / "pyproject.toml").exists():
+        return out[1]
+    return None
+
+
+class RunFolder:
+    """Writes the files of one run folder; see README "The run folder"."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.checkpoints = path / CHECKPOINT_DIR
+        self.summary: dict[str, Any] = {}
+        self._metrics_columns: list[str] | None = None
+        self._log_handler: logging.Handler | None = None
+
+    def start(self, cfg: DictConfig, summary: Mapping[str, Any], metric_columns: list[str]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.checkpoints.mkdir(exist_ok=True)
+        OmegaConf.save(cfg, self.path / CONFIG_FILE, resolve=True)
+        self._metrics_columns = ["epoch", "step", "split", "lr", *metric_columns, "elapsed_s"]
+        with open(self.path / METRICS_FILE, "w", newline="") as f:
+            csv.writer(f).writerow(self._metrics_columns)
+        self._log_handler = logging.FileHandler(self.path / LOG_FILE, encoding="utf-8")
+        self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(self._log_handler)
+        log.setLevel(logging.INFO)
+        self.update_summary(status="running", **summary)
+
+    def log_metrics(self, row: Mapping[str, Any]) -> None:
+        """Append one row (missing metrics stay empty) and flush, so a crash keeps what was measured."""
+        assert self._metrics_columns is not None, "start() first"
+        with open(self.path / METRICS_FILE, "a", newline="") as f:
+            csv.writer(f).writerow([_cell(row.get(c)) for c in self._metrics_columns])
+
+    def update_summary(self, **fields: Any) -> None:
+        self.summary.update(fields)
+        write_atomic(self.path / SUMMARY_FILE, json.dumps(self.summary, indent=2) + "\n")
+
+    def close(self) -> None:
+        if self._log_handler is not None:
+            log.removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
+
+
+def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
+# --- what the user sees ----------------------------------------------------------------------
+
+# The console that Hydra's RichHandler logs to (conf/hydra/job_logging/dlfs.yaml): sharing it lets
+# log lines print above the live progress bar instead of through it.
+console = get_console()
+
+
+def print_config_tree(cfg: DictConfig) -> None:
+    tree = Tree("[bold]config[/bold]")
+
+    def add(node: Tree, value: Any) -> None:
+        for key, child in value.items():
+            if isinstance(child, dict):
+                add(node.add(f"[bold]{key}[/bold]"), child)
+            else:
+                node.add(f"{key}: {child}")
+
+    add(tree, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    console.print(tree)
+
+
+class ProgressDisplay:
+    """A rich progress bar (epochs and batches, loss, ETA) on a terminal; plain log lines otherwise."""
+
+    REFRESH_S = 0.25  # how often the bar reads the loss from the device (each read is a host sync)
+
+    def __init__(self, epochs: int, batches_per_epoch: int) -> None:
+        self.epochs = epochs
+        self.batches = batches_per_epoch
+        self.live = console.is_terminal
+        self._next_refresh = 0.0
+        self._start = time.monotonic()
+        self._progress: Progress | None = None
+        if self.live:
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[loss]}"),
+                TimeRemainingColumn(),
+                console=console,
+                transient=False,
+            )
+            self._epoch_task = self._progress.add_task("epochs ", total=epochs, loss="")
+            self._batch_task = self._progress.add_task("batches", total=batches_per_epoch, loss="")
+
+    def __enter__(self) -> ProgressDisplay:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def due(self) -> bool:
+        """True at most every REFRESH_S seconds: only then is the loss worth a host sync."""
+        if not self.live:
+            return False
+        now = time.monotonic()
+        if now < self._next_refresh:
+            return False
+        self._next_refresh = now + self.REFRESH_S
+        return True
+
+    def batch(self, done: int, loss: float | None = None) -> None:
+        if self._progress is not None:
+            fields = {"loss": f"loss {loss:.4g}"} if loss is not None else {}
+            self._progress.update(self._batch_task, completed=done, **fields)
+
+    def epoch(self, epoch: int, train_loss: float, test: Mapping[str, float] | None) -> None:
+        """End of an epoch: advance the bar, or log a line when the epoch was evaluated (or is the last)."""
+        if self._progress is not None:
+            self._progress.update(self._epoch_task, completed=epoch, loss=f"train loss {train_loss:.4g}")
+            self._progress.reset(self._batch_task, total=self.batches, loss="")
+        if test is not None or epoch == self.epochs:
+            elapsed = time.monotonic() - self._start
+            eta = elapsed / max(epoch, 1) * (self.epochs - epoch)
+            scores = " ".join(f"{k} {v:.4g}" for k, v in (test or {}).items())
+            line = f"epoch {epoch}/{self.epochs} train_loss {train_loss:.4g} {scores} ({elapsed:.1f}s, eta {eta:.1f}s)"
+            log.info(line)
+
+
+def console_log_handler() -> logging.Handler:
+    """Hydra's console handler (conf/hydra/job_logging/dlfs.yaml): rich on a terminal, plain lines otherwise."""
+    if console.is_terminal:
+        from rich.logging import RichHandler
+
+        return RichHandler(console=console, show_path=False, markup=False)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S"))
+    return handler

@@ -1,0 +1,156 @@
+"""train(cfg, run_dir): assemble data, model, optimizer, scheduler and trainer from a config, run, record.
+
+A plain function: the `dlfs train` Hydra app calls it, and so do the tests.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dlfs_cli.config import DlfsError, validate
+from dlfs_cli.data import build_data
+from dlfs_cli.models import build_model
+from dlfs_cli.tracking import RunFolder, log, print_config_tree, versions
+from dlfs_cli.trainer import Diverged, Trainer, metric_names
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
+    """Run one training run into `run_dir`; returns the final held-out metrics."""
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.trainer.seed)
+    data = build_data(cfg.data, cfg.trainer.batch_size, cfg.trainer.seed)
+    model = build_model(cfg.model, data.info).to(device)
+    optimizer = build_optimizer(cfg.optimizer, model)
+    scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.trainer.epochs)
+
+    # Everything above can refuse the config; only now does the run folder get its files.
+    start = time.time()
+    run = RunFolder(run_dir)
+    plain_cfg = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    run.start(
+        cfg,
+        summary={
+            "model": cfg.model.name,
+            "data": cfg.data.name,
+            "metrics": {},
+            "epochs_completed": 0,
+            "epochs": cfg.trainer.epochs,
+            "seed": cfg.trainer.seed,
+            "device": str(device),
+            "world_size": 1,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(start)),
+            "duration_s": 0.0,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "versions": versions(),
+        },
+        metric_columns=metric_names(cfg.loss.name),
+    )
+    print_config_tree(cfg)
+    log.info(
+        "run folder %s | %s on %s | %d train / %d test rows from %s",
+        run_dir,
+        cfg.model.name,
+        device,
+        data.info.n_train,
+        data.info.n_test,
+        data.info.source,
+    )
+    trainer = Trainer(
+        model,
+        optimizer,
+        scheduler,
+        cfg.loss.name,
+        device,
+        run,
+        checkpoint_extra={"config": plain_cfg, "dlfs_version": run.summary["versions"]["dlfs"]},
+        limit_batches=cfg.trainer.limit_batches,
+    )
+    status = "failed"
+    try:
+        metrics = trainer.fit(data.train, data.test, cfg.trainer.epochs, cfg.trainer.eval_every)
+        run.update_summary(metrics=metrics)
+        status = "completed"
+        log.info("completed: %s", " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    except Diverged as ex:
+        status = "diverged"
+        run.update_summary(error=str(ex))
+        log.error("%s", ex)
+        raise
+    except DlfsError as ex:
+        run.update_summary(error=str(ex))
+        log.error("%s", ex)
+        raise
+    except KeyboardInterrupt:
+        status = "interrupted"
+        log.error("interrupted")
+        raise
+    except BaseException as ex:
+        run.update_summary(error=f"{type(ex).__name__}: {ex}")
+        log.exception("failed")
+        raise
+    finally:
+        run.update_summary(status=status, duration_s=round(time.time() - start, 3))
+        run.close()
+    return metrics
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto picks CUDA, then MPS, then the CPU; asking for one that is not there is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DlfsError(f"device={name}: CUDA is not available on this machine; use device=cpu or device=auto")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise DlfsError(f"device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise DlfsError("device=mps: MPS (Apple GPU) is not available on this machine; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay
+        )
+    if cfg.name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    raise DlfsError(f"unknown optimizer '{cfg.name}'; valid choices: sgd, adam")
+
+
+def build_scheduler(
+    cfg: DictConfig, optimizer: torch.optim.Optimizer, epochs: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """A per-epoch scheduler, or None for a constant learning rate."""
+    sched = torch.optim.lr_scheduler
+    if cfg.name == "none":
+        return None
+    if cfg.name == "exponential":
+        gamma = cfg.gamma
+        if gamma is None:  # the book: from lr in the first epoch to final_lr in the last
+            lr = optimizer.param_groups[0]["lr"]
+            gamma = (cfg.final_lr / lr) ** (1 / (epochs - 1)) if epochs > 1 else 1.0
+        return sched.ExponentialLR(optimizer, gamma=gamma)
+    if cfg.name == "step":
+        return sched.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    if cfg.name == "cosine":
+        return sched.CosineAnnealingLR(optimizer, T_max=cfg.t_max or max(epochs, 1), eta_min=cfg.eta_min)
+    raise DlfsError(f"unknown scheduler '{cfg.name}'; valid choices: none, exponential, step, cosine")

@@ -1,0 +1,172 @@
+"""The one training loop: train, evaluate on the held-out split, record, checkpoint."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from itertools import islice
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dlfs_cli.checkpoint import save_checkpoint
+from dlfs_cli.config import DlfsError
+from dlfs_cli.tracking import ProgressDisplay, RunFolder
+
+REGRESSION_METRICS = ["loss", "mse", "rmse", "mae"]
+CLASSIFICATION_METRICS = ["loss", "accuracy"]
+
+
+def metric_names(loss_name: str) -> list[str]:
+    return REGRESSION_METRICS if loss_name == "mse" else CLASSIFICATION_METRICS
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+        loss_name: str,
+        device: torch.device,
+        run: RunFolder,
+        checkpoint_extra: dict[str, Any],
+        limit_batches: int | None = None,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.loss_name = loss_name
+        self.loss_fn: Callable[[Tensor, Tensor], Tensor] = nn.MSELoss() if loss_name == "mse" else nn.CrossEntropyLoss()
+        self.device = device
+        self.run = run
+        self.checkpoint_extra = checkpoint_extra  # config, versions: saved with every checkpoint
+        self.limit_batches = limit_batches
+        self.step = 0
+        self.best_loss = math.inf
+
+    def fit(self, train_loader: Iterable, test_loader: Iterable, epochs: int, eval_every: int) -> dict[str, float]:
+        """Train for `epochs`, evaluating every `eval_every` epochs and after the last; returns final test metrics."""
+        start = time.monotonic()
+        batches = len(train_loader) if self.limit_batches is None else min(len(train_loader), self.limit_batches)
+        if epochs == 0:  # nothing to train: measure the initial model so the run still has its numbers
+            final = self._evaluate_and_record(test_loader, 0, start)
+            self._save("last.pt", 0, final)
+            return final
+        final: dict[str, float] = {}
+        with ProgressDisplay(epochs, batches) as progress:
+            for epoch in range(1, epochs + 1):
+                lr = self.optimizer.param_groups[0]["lr"]
+                train_loss = self._train_epoch(train_loader, progress)
+                if not math.isfinite(train_loss):
+                    raise Diverged(epoch, self.step, train_loss, lr)
+                if self.scheduler is not None:
+                    self.scheduler.step()  # after the optimizer's steps (the book had them the other way round)
+                self.run.log_metrics(
+                    {
+                        "epoch": epoch,
+                        "step": self.step,
+                        "split": "train",
+                        "lr": lr,
+                        "loss": train_loss,
+                        "elapsed_s": time.monotonic() - start,
+                    }
+                )
+                test = None
+                if epoch % eval_every == 0 or epoch == epochs:
+                    test = final = self._evaluate_and_record(test_loader, epoch, start, lr)
+                self._save("last.pt", epoch, final)
+                progress.epoch(epoch, train_loss, test)
+        return final
+
+    def _train_epoch(self, loader: Iterable, progress: ProgressDisplay) -> float:
+        """One pass over the training data; returns the mean loss per sample."""
+        self.model.train()  # every epoch: evaluation switched it to eval mode (the book forgot this)
+        # Summed on the device: reading a loss with .item() every step would stall a GPU.
+        total = torch.zeros((), device=self.device)
+        count = 0
+        for i, (x, y) in enumerate(islice(loader, self.limit_batches), start=1):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.loss_fn(self._output(x), y)
+            loss.backward()
+            self.optimizer.step()
+            self.step += 1
+            total += loss.detach() * len(x)
+            count += len(x)
+            if progress.due():
+                progress.batch(i, (total / count).item())
+        return (total / max(count, 1)).item()
+
+    @torch.no_grad()
+    def evaluate(self, loader: Iterable) -> dict[str, float]:
+        """Held-out metrics, named test_<metric>, accumulated over the whole split."""
+        self.model.eval()
+        sums: dict[str, Tensor] = {}
+        samples = elements = 0
+        for x, y in islice(loader, self.limit_batches):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            out = self._output(x)
+            batch = {"loss": self.loss_fn(out, y) * len(x)}
+            if self.loss_name == "mse":
+                batch["se"] = (out - y).square().sum()
+                batch["ae"] = (out - y).abs().sum()
+            else:
+                batch["correct"] = (out.argmax(dim=1) == y).sum()
+            for k, v in batch.items():
+                sums[k] = sums.get(k, 0) + v.double()
+            samples += len(x)
+            elements += y.numel()
+        if samples == 0:
+            raise DlfsError("the held-out split is empty: nothing to evaluate")
+        values = {k: v.item() for k, v in sums.items()}  # one host sync per evaluation
+        metrics = {"loss": values["loss"] / samples}
+        if self.loss_name == "mse":
+            metrics["mse"] = values["se"] / elements
+            metrics["rmse"] = math.sqrt(metrics["mse"])
+            metrics["mae"] = values["ae"] / elements
+        else:
+            metrics["accuracy"] = values["correct"] / samples
+        return {f"test_{k}": v for k, v in metrics.items()}
+
+    def _output(self, x: Tensor) -> Tensor:
+        out = self.model(x)
+        return out[0] if isinstance(out, tuple) else out  # e.g. the autoencoder's (reconstruction, code)
+
+    def _evaluate_and_record(
+        self, loader: Iterable, epoch: int, start: float, lr: float | None = None
+    ) -> dict[str, float]:
+        metrics = self.evaluate(loader)
+        row = {k.removeprefix("test_"): v for k, v in metrics.items()}
+        self.run.log_metrics(
+            {"epoch": epoch, "step": self.step, "split": "test", "lr": lr, **row, "elapsed_s": time.monotonic() - start}
+        )
+        if metrics["test_loss"] < self.best_loss:
+            self.best_loss = metrics["test_loss"]
+            self._save("best.pt", epoch, metrics)
+        return metrics
+
+    def _save(self, name: str, epoch: int, metrics: dict[str, float]) -> None:
+        save_checkpoint(
+            self.run.checkpoints / name,
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "epoch": epoch,
+                "step": self.step,
+                "metrics": metrics,
+                **self.checkpoint_extra,
+            },
+        )
+        self.run.update_summary(epochs_completed=epoch)
+
+
+class Diverged(DlfsError):
+    def __init__(self, epoch: int, step: int, loss: float, lr: float) -> None:
+        super().__init__(
+            f"training diverged: the loss became {loss} in epoch {epoch} (by step {step}); "
+            f"try a lower optimizer.lr (it was {lr:g})"
+        )

@@ -1,0 +1,145 @@
+"""`dlfs` as users run it: a subprocess, its exit code, its output, and what it leaves on disk."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_dlfs
+
+
+def test_help_lists_the_commands(tmp_path: Path) -> None:
+    for args in (["--help"], []):
+        out = run_dlfs(*args, cwd=tmp_path)
+        assert out.returncode == 0 and "train" in out.stdout and "usage: dlfs" in out.stdout
+
+
+def test_unknown_command_is_refused(tmp_path: Path) -> None:
+    out = run_dlfs("trian", cwd=tmp_path)
+    assert out.returncode != 0 and "unknown command 'trian'" in out.stderr and "train" in out.stderr
+
+
+def test_train_help_shows_the_config_groups_and_their_options(tmp_path: Path) -> None:
+    out = run_dlfs("train", "--help", cwd=tmp_path)
+    assert out.returncode == 0
+    for line in (
+        "model: boston",
+        "optimizer: adam, sgd",
+        "scheduler: cosine, exponential, none, step",
+        "loss: cross_entropy, mse",
+        "experiment: book_boston",
+    ):
+        assert line in out.stdout
+    assert "schema" not in out.stdout  # the typed schemas are not options
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path: Path) -> None:
+    out = run_dlfs("train", "optimizer.lr=0.5", "--cfg", "job", cwd=tmp_path)
+    assert out.returncode == 0 and "lr: 0.5" in out.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--cfg", "job"], ["train", "--help"]])
+def test_commands_that_do_not_train_do_not_import_torch(tmp_path: Path, args: list[str]) -> None:
+    script = f"""
+import sys
+from dlfs_cli.cli import main
+try:
+    main({args!r})
+except SystemExit as ex:
+    assert not ex.code, ex.code
+heavy = sorted(m for m in ("torch", "torchvision", "sklearn") if m in sys.modules)
+print("HEAVY", heavy)
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model=nope", "unknown option model=nope; valid choices: boston"),
+        ("optimizer.lr=abc", "invalid value for optimizer.lr"),
+        ("trainer.epcohs=3", "unknown key 'trainer.epcohs' (did you mean 'epochs'?)"),
+        ("trainer.epochs=-1", "invalid value for trainer.epochs: -1"),
+        ("trainer.batch_size=0", "invalid value for trainer.batch_size: 0"),
+        ("optimizer.lr=-0.1", "invalid value for optimizer.lr: -0.1"),
+        ("model.activation=swish", "invalid value for model.activation"),
+        ("+trainer.patience=3", "unknown key 'trainer.patience'"),
+        ("optimizer.lr=[1", "cannot parse override 'optimizer.lr=[1'"),
+        ("data.path=missing.csv", "no such file: missing.csv"),
+    ],
+)
+def test_bad_input_is_one_line_non_zero_and_leaves_no_run(tmp_path: Path, override: str, message: str) -> None:
+    out = run_dlfs("train", override, cwd=tmp_path)
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr + out.stdout
+    assert out.stderr.strip().splitlines() == [f"dlfs: error: {out.stderr.strip().removeprefix('dlfs: error: ')}"]
+    assert message in out.stderr
+    assert not list(tmp_path.glob("outputs/*/*")), "a refused run left a folder"
+
+
+def test_device_cuda_without_cuda_is_refused(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = run_dlfs("train", "device=cuda", cwd=tmp_path)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert (
+        out.stderr.strip()
+        == "dlfs: error: device=cuda: CUDA is not available on this machine; use device=cpu or device=auto"
+    )
+
+
+def test_a_cli_run_writes_the_whole_run_folder(tmp_path: Path) -> None:
+    out = run_dlfs("train", "trainer.epochs=2", "hydra.run.dir=myrun", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    run = tmp_path / "myrun"
+    assert {p.name for p in run.iterdir()} == {
+        ".hydra",
+        "config.yaml",
+        "metrics.csv",
+        "summary.json",
+        "checkpoints",
+        "train.log",
+    }
+    assert {p.name for p in (run / ".hydra").iterdir()} == {"config.yaml", "hydra.yaml", "overrides.yaml"}
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"last.pt", "best.pt"}
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert "epoch 2/2" in out.stdout  # plain log lines when the output is not a terminal
+
+    again = run_dlfs("train", "hydra.run.dir=myrun", cwd=tmp_path)  # never overwrite a finished run
+    assert again.returncode != 0 and "already holds a run" in again.stderr
+
+
+def test_two_runs_started_together_get_two_folders(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "dlfs_cli", "train", "trainer.epochs=0"]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    runs = sorted((tmp_path / "outputs" / "boston").iterdir())
+    assert len(runs) == 2
+    # the folder is named to the microsecond: runs started in the same second still differ
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d{6}", r.name) for r in runs), runs
+    assert all(json.loads((r / "summary.json").read_text())["status"] == "completed" for r in runs)
+
+
+def test_multirun_sweeps_each_value_into_its_own_folder(tmp_path: Path) -> None:
+    out = run_dlfs("train", "-m", "optimizer.lr=0.01,0.001", "trainer.epochs=1", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1"]
+    lrs = [json.loads((j / "summary.json").read_text())["status"] for j in jobs]
+    assert lrs == ["completed", "completed"]
+    assert "optimizer.lr=0.001" in (jobs[1] / ".hydra" / "overrides.yaml").read_text()
+
+
+def test_python_m_and_info(tmp_path: Path) -> None:
+    out = run_dlfs("train", "--info", cwd=tmp_path)
+    assert out.returncode == 0 and "Config search path" in out.stdout

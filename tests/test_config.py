@@ -1,0 +1,89 @@
+"""Every config option composes and validates; bad values are refused with the key named."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from omegaconf import OmegaConf
+
+from dlfs_cli.config import SCHEMAS, Activation, DlfsError, Scaling, TrainConfig, conf_dir, validate
+
+CONF = conf_dir()
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
+OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
+# Options that need one more value to be complete (an exponential schedule needs gamma or final_lr).
+COMPLETE = {("scheduler", "exponential"): ["scheduler.gamma=0.9"]}
+
+
+def test_groups_mirror_the_schemas() -> None:
+    assert set(GROUPS) == set(SCHEMAS) | {"experiment"}
+    assert {f.name for f in dataclasses.fields(TrainConfig)} == set(SCHEMAS) - {"experiment"} | {"device"}
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_and_validates(make_cfg, group: str, option: str) -> None:
+    cfg = make_cfg(f"{group}={option}", *COMPLETE.get((group, option), []))
+    validate(cfg)
+    if group != "experiment":
+        node = cfg[group]
+        # typed: the node carries its dataclass schema, so a typo in the YAML would have failed
+        assert dataclasses.is_dataclass(OmegaConf.get_type(node))
+
+
+def test_default_is_the_boston_model_with_its_own_data_and_loss(make_cfg) -> None:
+    cfg = make_cfg()
+    assert (cfg.model.name, cfg.data.name, cfg.loss.name) == ("boston", "boston", "mse")
+    assert cfg.device == "auto"
+    assert cfg.model.activation == Activation.sigmoid  # the chapter text's choice
+
+
+def test_model_alone_picks_data_and_loss_and_the_user_can_change_them(make_cfg) -> None:
+    assert make_cfg("model=boston").loss.name == "mse"
+    assert make_cfg("model=boston", "loss=cross_entropy").loss.name == "cross_entropy"
+
+
+def test_book_boston_preset_holds_the_books_settings(make_cfg) -> None:
+    cfg = make_cfg("experiment=book_boston")
+    assert cfg.model.hidden_size == 13 and cfg.model.activation == Activation.tanh
+    assert cfg.model.dropout_keep == 0.8
+    assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.momentum) == ("sgd", 0.001, 0.9)
+    assert (cfg.trainer.batch_size, cfg.trainer.epochs) == (32, 100)
+    assert (cfg.data.test_size, cfg.data.split_seed, cfg.data.scaling) == (0.3, 80718, Scaling.all)
+    # an override on top of a preset still wins
+    assert make_cfg("experiment=book_boston", "trainer.epochs=3").trainer.epochs == 3
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
+def test_device_spellings(make_cfg, device: str) -> None:
+    validate(make_cfg(f"device={device}"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["trainer.epochs=-1"], "trainer.epochs"),
+        (["trainer.batch_size=0"], "trainer.batch_size"),
+        (["trainer.eval_every=0"], "trainer.eval_every"),
+        (["trainer.limit_batches=0"], "trainer.limit_batches"),
+        (["optimizer.lr=-0.1"], "optimizer.lr"),
+        (["optimizer.lr=0"], "optimizer.lr"),
+        (["optimizer.momentum=-1"], "optimizer.momentum"),
+        (["optimizer.momentum=0", "optimizer.nesterov=true"], "optimizer.nesterov"),
+        (["optimizer=adam", "optimizer.betas=[0.9,1.5]"], "optimizer.betas"),
+        (["optimizer.weight_decay=-1"], "optimizer.weight_decay"),
+        (["model.dropout_keep=0"], "model.dropout_keep"),
+        (["model.dropout_keep=1.5"], "model.dropout_keep"),
+        (["model.hidden_size=0"], "model.hidden_size"),
+        (["data.test_size=1.0"], "data.test_size"),
+        (["scheduler=exponential"], "scheduler"),
+        (["scheduler=exponential", "scheduler.gamma=0.9", "scheduler.final_lr=0.001"], "scheduler"),
+        (["scheduler=step", "scheduler.step_size=0"], "scheduler.step_size"),
+        (["device=gpu"], "device"),
+        (["device=cuda:x"], "device"),
+        (["+trainer.patience=3"], "trainer.patience"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_key(make_cfg, overrides: list[str], key: str) -> None:
+    with pytest.raises(DlfsError, match=key.replace(".", r"\.")):
+        validate(make_cfg(*overrides))

@@ -1,0 +1,44 @@
+"""The wheel carries the configs and the data: dlfs works installed, from a folder outside the repo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_wheel_trains_from_an_empty_folder(tmp_path: Path) -> None:
+    wheels = tmp_path / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = wheels.glob("dlfs_cli-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "dlfs_cli/conf/train.yaml" in names and "dlfs_cli/conf/model/boston.yaml" in names
+    assert "dlfs_cli/data/boston_house_prices.csv" in names
+
+    site = tmp_path / "site"  # a wheel is a zip: unpacked, it is the installed package
+    zipfile.ZipFile(wheel).extractall(site)
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    script = """
+import dlfs_cli, dlfs_cli.config
+print("FILE", dlfs_cli.__file__)
+print("CONF", dlfs_cli.config.conf_dir())
+from dlfs_cli.cli import main
+main(["train", "trainer.epochs=1"])
+"""
+    env = {**os.environ, "PYTHONPATH": str(site)}  # ahead of the editable install of the checkout
+    out = subprocess.run([sys.executable, "-c", script], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"FILE {site}" in out.stdout and f"CONF {site / 'dlfs_cli' / 'conf'}" in out.stdout
+    (run,) = (work / "outputs" / "boston").iterdir()
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"

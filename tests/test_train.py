@@ -1,0 +1,137 @@
+"""train(cfg, run_dir) end to end on the bundled Boston data: the run-folder contract and the loop."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dlfs_cli.config import DlfsError
+from dlfs_cli.train import train
+from tests.conftest import SMOKE
+
+
+def read_metrics(run: Path) -> list[dict[str, str]]:
+    with open(run / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_folder_contract(make_cfg, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    metrics = train(make_cfg(*SMOKE, "trainer.seed=7"), run)
+
+    assert {p.name for p in run.iterdir()} == {"config.yaml", "metrics.csv", "summary.json", "checkpoints", "train.log"}
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["trainer"]["epochs"] == 2 and config["model"]["activation"] == "sigmoid"
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["model"] == "boston" and summary["seed"] == 7 and summary["device"] == "cpu"
+    assert summary["epochs_completed"] == 2 and summary["world_size"] == 1
+    assert summary["duration_s"] > 0
+    assert set(summary["metrics"]) == {"test_loss", "test_mse", "test_rmse", "test_mae"}
+    assert summary["metrics"] == metrics
+    assert metrics["test_rmse"] == pytest.approx(metrics["test_mse"] ** 0.5)
+    assert set(summary["versions"]) >= {"python", "torch", "dlfs", "git"}
+
+    rows = read_metrics(run)
+    assert list(rows[0]) == ["epoch", "step", "split", "lr", "loss", "mse", "rmse", "mae", "elapsed_s"]
+    assert [(r["epoch"], r["step"], r["split"]) for r in rows] == [
+        ("1", "3", "train"),
+        ("1", "3", "test"),
+        ("2", "6", "train"),
+        ("2", "6", "test"),
+    ]  # limit_batches=3: three steps per epoch
+    assert float(rows[-1]["mse"]) == pytest.approx(metrics["test_mse"], rel=1e-5)
+
+    for name in ("last.pt", "best.pt"):
+        ckpt = torch.load(run / "checkpoints" / name, weights_only=True)
+        assert {"model", "optimizer", "scheduler", "epoch", "config", "step", "metrics"} <= set(ckpt)
+        assert ckpt["config"]["trainer"]["seed"] == 7
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 2
+    assert "completed" in (run / "train.log").read_text()
+
+
+def test_checkpoint_reproduces_the_final_metrics_in_a_fresh_process(make_cfg, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    metrics = train(make_cfg("trainer.epochs=3", "device=cpu", "model.dropout_keep=0.8"), run)
+    script = f"""
+import json, sys, torch
+from omegaconf import OmegaConf
+from dlfs_cli.data import build_data
+from dlfs_cli.models import build_model
+ckpt = torch.load({str(run / "checkpoints" / "last.pt")!r}, weights_only=True)
+cfg = OmegaConf.create(ckpt["config"])
+data = build_data(cfg.data, cfg.trainer.batch_size, cfg.trainer.seed)
+model = build_model(cfg.model, data.info)
+model.load_state_dict(ckpt["model"])
+model.eval()
+X, y = data.test.dataset.tensors
+with torch.no_grad():
+    print(json.dumps({{"mse": ((model(X) - y) ** 2).mean().item()}}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["mse"] == pytest.approx(metrics["test_mse"], rel=1e-5)
+
+
+def test_same_seed_same_numbers_other_seed_other_numbers(make_cfg, tmp_path: Path) -> None:
+    a = train(make_cfg(*SMOKE, "model.dropout_keep=0.8"), tmp_path / "a")
+    b = train(make_cfg(*SMOKE, "model.dropout_keep=0.8"), tmp_path / "b")
+    c = train(make_cfg(*SMOKE, "model.dropout_keep=0.8", "trainer.seed=1"), tmp_path / "c")
+    assert a == b and a != c
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["optimizer=adam"],
+        ["optimizer=sgd", "optimizer.nesterov=true", "optimizer.weight_decay=1e-4"],
+        ["scheduler=step", "scheduler.step_size=1"],
+        ["scheduler=cosine"],
+        ["scheduler=exponential", "scheduler.gamma=0.5"],
+    ],
+    ids=lambda o: " ".join(o),
+)
+def test_optimizers_and_schedulers_train(make_cfg, tmp_path: Path, overrides: list[str]) -> None:
+    metrics = train(make_cfg(*SMOKE, *overrides), tmp_path / "run")
+    assert metrics["test_loss"] > 0
+
+
+def test_the_books_exponential_decay_reaches_final_lr_in_the_last_epoch(make_cfg, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(
+        make_cfg(*SMOKE, "trainer.epochs=4", "optimizer.lr=0.01", "scheduler=exponential", "scheduler.final_lr=0.001"),
+        run,
+    )
+    lrs = [float(r["lr"]) for r in read_metrics(run) if r["split"] == "train"]
+    assert lrs[0] == pytest.approx(0.01) and lrs[-1] == pytest.approx(0.001)
+    assert lrs == sorted(lrs, reverse=True) and len(set(lrs)) == 4
+
+
+def test_eval_every_and_zero_epochs(make_cfg, tmp_path: Path) -> None:
+    train(make_cfg(*SMOKE, "trainer.epochs=5", "trainer.eval_every=2"), tmp_path / "a")
+    assert [r["epoch"] for r in read_metrics(tmp_path / "a") if r["split"] == "test"] == ["2", "4", "5"]
+    metrics = train(make_cfg("trainer.epochs=0", "device=cpu"), tmp_path / "b")
+    assert metrics["test_mse"] > 100  # an untrained model on prices in $1000s
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["status"] == "completed"
+
+
+def test_divergence_stops_the_run_and_says_so(make_cfg, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    with pytest.raises(DlfsError, match="diverged.*lower optimizer.lr"):
+        train(make_cfg(*SMOKE, "optimizer.lr=1e4", "model.activation=none"), run)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "diverged" and "diverged" in summary["error"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_refused_before_anything_is_written(make_cfg, tmp_path: Path) -> None:
+    with pytest.raises(DlfsError, match="CUDA is not available"):
+        train(make_cfg("device=cuda"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
