@@ -186,7 +186,8 @@ class ProgressDisplay:
         """End of an epoch: advance the bar, or log a line when the epoch was evaluated (or is the last)."""
         if self._progress is not None:
             self._progress.update(self._epoch_task, completed=epoch, loss=f"train loss {train_loss:.4g}")
-            self._progress.reset(self._batch_task, total=self.batches, loss="")
+            if epoch < self.epochs:
+                self._progress.reset(self._batch_task, total=self.batches, loss="")
         if test is not None or epoch == self.epochs:
             elapsed = time.monotonic() - self._start
             eta = elapsed / max(epoch, 1) * (self.epochs - epoch)
