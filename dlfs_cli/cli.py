@@ -16,12 +16,7 @@ from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import (
-    ConfigCompositionException,
-    HydraException,
-    MissingConfigException,
-    OverrideParseException,
-)
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
@@ -93,6 +88,8 @@ def _fail(message: str) -> NoReturn:
 
 def explain(ex: BaseException) -> str:
     """One line that names the problem, from Hydra's and OmegaConf's multi-line errors."""
+    if isinstance(ex, OverrideParseException):
+        return f"cannot parse override '{ex.override}': {ex.message.splitlines()[0]}"
     if isinstance(ex, MissingConfigException) and ex.options is not None and ex.missing_cfg_file:
         group, _, option = ex.missing_cfg_file.rpartition("/")
         return f"unknown option {group}={option}; valid choices: {', '.join(sorted(ex.options))}"
@@ -148,11 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         app()
     except (DlfsError, UserError) as ex:
         _fail(str(ex) if isinstance(ex, DlfsError) else ex.message)
-    except OverrideParseException as ex:
-        _fail(f"cannot parse override '{ex.override}': {ex.message.splitlines()[0]}")
-    except (ConfigCompositionException, MissingConfigException, OmegaConfBaseException) as ex:
-        _fail(explain(ex))
-    except HydraException as ex:
+    except (HydraException, OmegaConfBaseException) as ex:
         _fail(explain(ex))
     except KeyboardInterrupt:
         print("dlfs: interrupted", file=sys.stderr)

@@ -35,6 +35,17 @@ class Scaling(str, Enum):
     all = "all"  # the book's notebook: fitted on all 506 rows before the split
 
 
+class ImageScaling(str, Enum):
+    auto = "auto"  # minmax for a model that reconstructs its input, standard otherwise
+    standard = "standard"  # (x/255 - mean) / std: the book's Normalize((0.1305,), (0.3081,)) on MNIST
+    minmax = "minmax"  # [-1, 1] by the training set's min and max: the book's autoencoder
+
+
+class Pipeline(str, Enum):
+    tensor = "tensor"  # each split held whole as one uint8 tensor, scaled per batch (fast)
+    torchvision = "torchvision"  # the book's PIL -> ToTensor -> Normalize through a DataLoader
+
+
 # --- model -----------------------------------------------------------------------------------
 
 
@@ -55,6 +66,29 @@ class BostonModelConfig(ModelConfig):
     dropout_keep: float = 1.0
 
 
+@dataclass
+class MNISTConvNetConfig(ModelConfig):
+    """The book's MNIST_ConvNet: two 'same' convolutions (no pooling), then Dense -> Dense(10)."""
+
+    name: str = "mnist_cnn"
+    channels: list[int] = field(default_factory=lambda: [16, 8])  # the chapter text; the notebook: 14, 7
+    filter_size: int = 5
+    hidden_size: int = 32
+    activation: Activation = Activation.tanh
+    dropout_keep: float = 0.8  # keep probability after each layer but the last, as in the book
+
+
+@dataclass
+class AutoencoderConfig(ModelConfig):
+    """The book's Encoder -> hidden_dim code -> Decoder; forward returns (reconstruction, code)."""
+
+    name: str = "autoencoder"
+    hidden_dim: int = 28  # size of the code
+    channels: list[int] = field(default_factory=lambda: [14, 7])
+    filter_size: int = 5
+    activation: Activation = Activation.tanh
+
+
 # --- data ------------------------------------------------------------------------------------
 
 
@@ -71,6 +105,24 @@ class BostonDataConfig(DataConfig):
     split_seed: int = 80718
     scaling: Scaling = Scaling.train
     num_workers: int = 0  # DataLoader workers; 506 rows never need more
+
+
+@dataclass
+class MNISTDataConfig(DataConfig):
+    name: str = "mnist"
+    root: str = MISSING  # holds MNIST/raw/ (torchvision's layout)
+    download: bool = True  # fetch the files through torchvision when they are missing
+    pipeline: Pipeline = Pipeline.tensor
+    scaling: ImageScaling = ImageScaling.auto
+    num_workers: int = 0  # DataLoader workers, pipeline=torchvision only
+
+
+@dataclass
+class DigitsDataConfig(DataConfig):
+    name: str = "digits"
+    test_size: float = 0.2
+    split_seed: int = 0
+    scaling: ImageScaling = ImageScaling.auto
 
 
 # --- optimizer -------------------------------------------------------------------------------
@@ -144,6 +196,15 @@ class TrainerConfig:
     eval_every: int = 1  # evaluate on the held-out split every N epochs (and always at the end)
     seed: int = 0
     limit_batches: int | None = None  # at most N batches per epoch and per evaluation (smoke runs)
+    log_every: int = 100  # training steps between rows of training loss in metrics.csv
+
+
+@dataclass
+class FiguresConfig:
+    enabled: bool = True  # PNG files in <run>/figures/ at the end of a run
+    tsne_points: int = 10_000  # autoencoder: test encodings in the t-SNE map (its cost grows fast)
+    reconstructions: int = 8  # autoencoder: originals shown beside their reconstructions
+    random_codes: int = 5  # autoencoder: uniform(-1, 1) codes put through the decoder
 
 
 LOSSES = ("mse", "cross_entropy")
@@ -158,12 +219,13 @@ class TrainConfig:
     scheduler: SchedulerConfig = MISSING
     loss: LossConfig = MISSING
     trainer: TrainerConfig = MISSING
+    figures: FiguresConfig = field(default_factory=FiguresConfig)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
-    "model": {"boston": BostonModelConfig},
-    "data": {"boston": BostonDataConfig},
+    "model": {"boston": BostonModelConfig, "mnist_cnn": MNISTConvNetConfig, "autoencoder": AutoencoderConfig},
+    "data": {"boston": BostonDataConfig, "mnist": MNISTDataConfig, "digits": DigitsDataConfig},
     "optimizer": {"sgd": SGDConfig, "adam": AdamConfig},
     "scheduler": {
         "none": SchedulerConfig,
@@ -225,6 +287,7 @@ def validate(cfg: DictConfig) -> None:
     _check(t.epochs >= 0, "trainer.epochs", t.epochs, "must be >= 0")
     _check(t.batch_size >= 1, "trainer.batch_size", t.batch_size, "must be >= 1")
     _check(t.eval_every >= 1, "trainer.eval_every", t.eval_every, "must be >= 1")
+    _check(t.log_every >= 1, "trainer.log_every", t.log_every, "must be >= 1")
     if t.limit_batches is not None:
         _check(t.limit_batches >= 1, "trainer.limit_batches", t.limit_batches, "must be >= 1 or null")
 
@@ -269,11 +332,32 @@ def validate(cfg: DictConfig) -> None:
     )
 
     m = cfg.model
-    if m.name == "boston":
-        _check(m.hidden_size >= 1, "model.hidden_size", m.hidden_size, "must be >= 1")
+    for key in ("hidden_size", "hidden_dim"):
+        if key in m:
+            _check(m[key] >= 1, f"model.{key}", m[key], "must be >= 1")
+    if "dropout_keep" in m:
         _check(0 < m.dropout_keep <= 1, "model.dropout_keep", m.dropout_keep, "keep probability in (0, 1]")
+    if "channels" in m:
+        _check(
+            len(m.channels) == 2 and all(c >= 1 for c in m.channels),
+            "model.channels",
+            list(m.channels),
+            "two channel counts >= 1",
+        )
+    if "filter_size" in m:
+        _check(
+            m.filter_size >= 1 and m.filter_size % 2 == 1,
+            "model.filter_size",
+            m.filter_size,
+            "an odd number >= 1 (padding filter_size // 2 keeps the image size)",
+        )
 
     d = cfg.data
-    if d.name == "boston":
+    if "test_size" in d:
         _check(0 < d.test_size < 1, "data.test_size", d.test_size, "a fraction in (0, 1)")
+    if "num_workers" in d:
         _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
+
+    f = cfg.figures
+    for key in ("tsne_points", "reconstructions", "random_codes"):
+        _check(f[key] >= 0, f"figures.{key}", f[key], "must be >= 0")

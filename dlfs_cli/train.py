@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dlfs_cli.config import DlfsError, validate
 from dlfs_cli.data import build_data
-from dlfs_cli.models import build_model
+from dlfs_cli.models import RECONSTRUCTS, build_model
 from dlfs_cli.tracking import RunFolder, log, print_config_tree, versions
 from dlfs_cli.trainer import Diverged, Trainer, metric_names
 
@@ -25,7 +25,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
     validate(cfg)
     device = resolve_device(cfg.device)
     seed_everything(cfg.trainer.seed)
-    data = build_data(cfg.data, cfg.trainer.batch_size, cfg.trainer.seed)
+    reconstruct = cfg.model.name in RECONSTRUCTS
+    data = build_data(cfg.data, cfg.trainer.batch_size, cfg.trainer.seed, device, reconstruct)
     model = build_model(cfg.model, data.info).to(device)
     optimizer = build_optimizer(cfg.optimizer, model)
     scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.trainer.epochs)
@@ -71,11 +72,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         run,
         checkpoint_extra={"config": plain_cfg, "dlfs_version": run.summary["versions"]["dlfs"]},
         limit_batches=cfg.trainer.limit_batches,
+        log_every=cfg.trainer.log_every,
     )
     status = "failed"
     try:
         metrics = trainer.fit(data.train, data.test, cfg.trainer.epochs, cfg.trainer.eval_every)
         run.update_summary(metrics=metrics)
+        if cfg.figures.enabled:
+            _figures(run, cfg, model, data, device)
         status = "completed"
         log.info("completed: %s", " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     except Diverged as ex:
@@ -99,6 +103,18 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         run.update_summary(status=status, duration_s=round(time.time() - start, 3))
         run.close()
     return metrics
+
+
+def _figures(run: RunFolder, cfg: DictConfig, model: torch.nn.Module, data, device: torch.device) -> None:
+    """Pictures are a by-product: one that fails is reported, and the trained run stays completed."""
+    from dlfs_cli.figures import make_figures  # matplotlib: only runs that draw pay for it
+
+    try:
+        files = make_figures(run.path, model, data.test, data.test_labels, cfg.loss.name, cfg, device)
+        run.update_summary(figures=[str(p.relative_to(run.path)) for p in files])
+    except Exception as ex:  # noqa: BLE001
+        log.warning("figures failed: %s: %s", type(ex).__name__, ex)
+        run.update_summary(figures_error=f"{type(ex).__name__}: {ex}")
 
 
 def resolve_device(name: str) -> torch.device:

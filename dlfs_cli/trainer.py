@@ -34,6 +34,7 @@ class Trainer:
         run: RunFolder,
         checkpoint_extra: dict[str, Any],
         limit_batches: int | None = None,
+        log_every: int = 100,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -44,49 +45,43 @@ class Trainer:
         self.run = run
         self.checkpoint_extra = checkpoint_extra  # config, versions: saved with every checkpoint
         self.limit_batches = limit_batches
+        self.log_every = log_every
+        self._start = time.monotonic()  # reset by fit(); elapsed_s in metrics.csv counts from there
         self.step = 0
         self.best_loss = math.inf
 
     def fit(self, train_loader: Iterable, test_loader: Iterable, epochs: int, eval_every: int) -> dict[str, float]:
         """Train for `epochs`, evaluating every `eval_every` epochs and after the last; returns final test metrics."""
-        start = time.monotonic()
+        self._start = time.monotonic()
         batches = len(train_loader) if self.limit_batches is None else min(len(train_loader), self.limit_batches)
         if epochs == 0:  # nothing to train: measure the initial model so the run still has its numbers
-            final = self._evaluate_and_record(test_loader, 0, start)
+            final = self._evaluate_and_record(test_loader, 0, self.optimizer.param_groups[0]["lr"])
             self._save("last.pt", 0, final)
             return final
         final: dict[str, float] = {}
         with ProgressDisplay(epochs, batches) as progress:
             for epoch in range(1, epochs + 1):
-                lr = self.optimizer.param_groups[0]["lr"]
-                train_loss = self._train_epoch(train_loader, progress)
-                if not math.isfinite(train_loss):
-                    raise Diverged(epoch, self.step, train_loss, lr)
+                lr = self.optimizer.param_groups[0]["lr"]  # the rate of this epoch, for metrics.csv
+                train_loss = self._train_epoch(train_loader, progress, epoch, lr)
                 if self.scheduler is not None:
                     self.scheduler.step()  # after the optimizer's steps (the book had them the other way round)
-                self.run.log_metrics(
-                    {
-                        "epoch": epoch,
-                        "step": self.step,
-                        "split": "train",
-                        "lr": lr,
-                        "loss": train_loss,
-                        "elapsed_s": time.monotonic() - start,
-                    }
-                )
                 test = None
                 if epoch % eval_every == 0 or epoch == epochs:
-                    test = final = self._evaluate_and_record(test_loader, epoch, start, lr)
+                    test = final = self._evaluate_and_record(test_loader, epoch, lr)
                 self._save("last.pt", epoch, final)
                 progress.epoch(epoch, train_loss, test)
         return final
 
-    def _train_epoch(self, loader: Iterable, progress: ProgressDisplay) -> float:
-        """One pass over the training data; returns the mean loss per sample."""
+    def _train_epoch(self, loader: Iterable, progress: ProgressDisplay, epoch: int, lr: float) -> float:
+        """One pass over the training data; returns the mean loss per sample.
+
+        metrics.csv gets a `train` row every `log_every` steps and at the end of the epoch, holding the
+        mean loss over the steps since the previous row.
+        """
         self.model.train()  # every epoch: evaluation switched it to eval mode (the book forgot this)
         # Summed on the device: reading a loss with .item() every step would stall a GPU.
-        total = torch.zeros((), device=self.device)
-        count = 0
+        epoch_sum, window_sum = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
+        epoch_n = window_n = 0
         for i, (x, y) in enumerate(islice(loader, self.limit_batches), start=1):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
@@ -94,11 +89,34 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
             self.step += 1
-            total += loss.detach() * len(x)
-            count += len(x)
+            weighted = loss.detach() * len(x)
+            epoch_sum += weighted
+            window_sum += weighted
+            epoch_n += len(x)
+            window_n += len(x)
+            if self.step % self.log_every == 0:
+                self._record_train(epoch, lr, window_sum, window_n)
+                window_sum, window_n = torch.zeros((), device=self.device), 0
             if progress.due():
-                progress.batch(i, (total / count).item())
-        return (total / max(count, 1)).item()
+                progress.batch(i, (epoch_sum / epoch_n).item())
+        if window_n:
+            self._record_train(epoch, lr, window_sum, window_n)
+        return (epoch_sum / max(epoch_n, 1)).item()
+
+    def _record_train(self, epoch: int, lr: float, loss_sum: Tensor, n: int) -> None:
+        loss = (loss_sum / n).item()  # the one host sync per log interval
+        if not math.isfinite(loss):
+            raise Diverged(epoch, self.step, loss, lr)
+        self.run.log_metrics(
+            {
+                "epoch": epoch,
+                "step": self.step,
+                "split": "train",
+                "lr": lr,
+                "loss": loss,
+                "elapsed_s": time.monotonic() - self._start,
+            }
+        )
 
     @torch.no_grad()
     def evaluate(self, loader: Iterable) -> dict[str, float]:
@@ -135,13 +153,12 @@ class Trainer:
         out = self.model(x)
         return out[0] if isinstance(out, tuple) else out  # e.g. the autoencoder's (reconstruction, code)
 
-    def _evaluate_and_record(
-        self, loader: Iterable, epoch: int, start: float, lr: float | None = None
-    ) -> dict[str, float]:
+    def _evaluate_and_record(self, loader: Iterable, epoch: int, lr: float) -> dict[str, float]:
         metrics = self.evaluate(loader)
         row = {k.removeprefix("test_"): v for k, v in metrics.items()}
+        elapsed = time.monotonic() - self._start
         self.run.log_metrics(
-            {"epoch": epoch, "step": self.step, "split": "test", "lr": lr, **row, "elapsed_s": time.monotonic() - start}
+            {"epoch": epoch, "step": self.step, "split": "test", "lr": lr, **row, "elapsed_s": elapsed}
         )
         if metrics["test_loss"] < self.best_loss:
             self.best_loss = metrics["test_loss"]

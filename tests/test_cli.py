@@ -28,11 +28,12 @@ def test_train_help_shows_the_config_groups_and_their_options(tmp_path: Path) ->
     out = run_dlfs("train", "--help", cwd=tmp_path)
     assert out.returncode == 0
     for line in (
-        "model: boston",
+        "model: autoencoder, boston, mnist_cnn",
+        "data: boston, digits, mnist",
         "optimizer: adam, sgd",
         "scheduler: cosine, exponential, none, step",
         "loss: cross_entropy, mse",
-        "experiment: book_boston",
+        "experiment: book_autoencoder, book_boston, book_mnist_cnn",
     ):
         assert line in out.stdout
     assert "schema" not in out.stdout  # the typed schemas are not options
@@ -64,7 +65,7 @@ print("HEAVY", heavy)
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("model=nope", "unknown option model=nope; valid choices: boston"),
+        ("model=nope", "unknown option model=nope; valid choices: autoencoder, boston, mnist_cnn"),
         ("optimizer.lr=abc", "invalid value for optimizer.lr"),
         ("trainer.epcohs=3", "unknown key 'trainer.epcohs' (did you mean 'epochs'?)"),
         ("trainer.epochs=-1", "invalid value for trainer.epochs: -1"),
@@ -109,6 +110,7 @@ def test_a_cli_run_writes_the_whole_run_folder(tmp_path: Path) -> None:
         "summary.json",
         "checkpoints",
         "train.log",
+        "figures",
     }
     assert {p.name for p in (run / ".hydra").iterdir()} == {"config.yaml", "hydra.yaml", "overrides.yaml"}
     assert {p.name for p in (run / "checkpoints").iterdir()} == {"last.pt", "best.pt"}

@@ -6,13 +6,16 @@ New datasets (MNIST, digits, text) join DATASETS here; their modules are importe
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import torch
+from omegaconf import DictConfig
 
 from dlfs_cli.config import DlfsError
 
 if TYPE_CHECKING:
-    from omegaconf import DictConfig
     from torch.utils.data import DataLoader
 
 
@@ -26,20 +29,29 @@ class DataInfo:
     n_test: int
     num_features: int | None = None  # tabular data: columns per row
     num_classes: int | None = None  # classification: number of labels
+    image_shape: tuple[int, int, int] | None = None  # images: (channels, height, width)
 
 
 @dataclass
 class DataBundle:
-    train: DataLoader[Any]
-    test: DataLoader[Any]
+    train: DataLoader[Any] | Iterable[Any]  # yields (inputs, targets) batches and has a len()
+    test: DataLoader[Any] | Iterable[Any]  # in a fixed order
     info: DataInfo
+    test_labels: torch.Tensor | None = None  # class labels of the test split in loader order (for figures)
 
 
-DATASETS = {"boston": "dlfs_cli.data.boston"}  # data.name -> module with build(cfg, batch_size, seed)
+# data.name -> the module whose build(cfg, batch_size, seed, device, reconstruct) makes the loaders
+DATASETS = {"boston": "dlfs_cli.data.boston", "mnist": "dlfs_cli.data.mnist", "digits": "dlfs_cli.data.digits"}
 
 
-def build_data(cfg: DictConfig, batch_size: int, seed: int) -> DataBundle:
-    """The loaders for data.name; the training loader reshuffles every epoch from `seed`."""
+def build_data(
+    cfg: DictConfig, batch_size: int, seed: int, device: torch.device | None = None, reconstruct: bool = False
+) -> DataBundle:
+    """The loaders for data.name; the training loader reshuffles every epoch from `seed`.
+
+    `reconstruct`: the model learns to reproduce its input (the autoencoder), so targets are inputs.
+    """
     if cfg.name not in DATASETS:
         raise DlfsError(f"unknown data '{cfg.name}'; valid choices: {', '.join(DATASETS)}")
-    return importlib.import_module(DATASETS[cfg.name]).build(cfg, batch_size, seed)
+    device = device if device is not None else torch.device("cpu")
+    return importlib.import_module(DATASETS[cfg.name]).build(cfg, batch_size, seed, device, reconstruct)

@@ -53,7 +53,9 @@ def standard_scale(fit_rows: np.ndarray, *arrays: np.ndarray) -> list[np.ndarray
     return [(a - mean) / std for a in arrays]
 
 
-def build(cfg: DictConfig, batch_size: int, seed: int) -> DataBundle:
+def build(cfg: DictConfig, batch_size: int, seed: int, device: torch.device, reconstruct: bool) -> DataBundle:
+    if reconstruct:
+        raise DlfsError("data=boston has no images to reconstruct; use data=mnist or data=digits")
     path = Path(cfg.path).expanduser() if cfg.path else BUNDLED_CSV
     X, y = load_csv(path)
     if cfg.scaling == Scaling.all:  # the book's notebook: statistics of all rows, test rows included
