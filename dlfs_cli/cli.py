@@ -17,11 +17,11 @@ from typing import NoReturn
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from dlfs_cli import __version__
-from dlfs_cli.config import DlfsError, conf_dir, register_configs, validate
+from dlfs_cli.config import DEVICE_PATTERN, DlfsError, conf_dir, register_configs, validate
 
 register_configs()
 CONF_DIR = str(conf_dir())
@@ -59,10 +59,28 @@ def _drop_if_only_hydra_files(run_dir: Path) -> None:
         shutil.rmtree(run_dir)
 
 
+# --- eval ------------------------------------------------------------------------------------
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+def _eval_app(cfg: DictConfig) -> None:
+    if OmegaConf.is_missing(cfg, "run"):
+        raise UserError("dlfs eval needs a run folder: dlfs eval run=outputs/<model>/<timestamp>")
+    if cfg.device is not None and DEVICE_PATTERN.fullmatch(cfg.device) is None:
+        raise UserError(f"invalid value for device: {cfg.device!r} (choose from: auto, cpu, cuda, cuda:N, mps)")
+    try:
+        from dlfs_cli.evaluate import run_eval
+
+        run_eval(cfg.run, cfg.checkpoint.value, cfg.device)
+    except DlfsError as ex:
+        raise UserError(str(ex)) from None
+
+
 # --- the command table: later commands (eval, generate, reproduce, runs) go here --------------
 
 COMMANDS: dict[str, tuple[Callable[[], object], str]] = {
     "train": (_train_app, "train a model (a Hydra app: KEY=VALUE overrides, -m, --cfg job, --help)"),
+    "eval": (_eval_app, "recompute a run's held-out metrics from its checkpoint: dlfs eval run=<folder>"),
 }
 
 

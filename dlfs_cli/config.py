@@ -207,6 +207,20 @@ class FiguresConfig:
     random_codes: int = 5  # autoencoder: uniform(-1, 1) codes put through the decoder
 
 
+class CheckpointChoice(str, Enum):
+    last = "last"  # the end of the latest epoch
+    best = "best"  # the lowest held-out loss
+
+
+@dataclass
+class EvalConfig:
+    """`dlfs eval`: recompute a finished run's held-out metrics from one of its checkpoints."""
+
+    run: str = MISSING  # the run folder
+    checkpoint: CheckpointChoice = CheckpointChoice.last
+    device: str | None = None  # None: the device setting the run was trained with
+
+
 LOSSES = ("mse", "cross_entropy")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -244,6 +258,7 @@ def register_configs() -> None:
     They live outside the user-facing groups, so `dlfs train --help` lists only real options."""
     cs = ConfigStore.instance()
     cs.store(name="schema_train", node=TrainConfig)
+    cs.store(name="schema_eval", node=EvalConfig)
     for group, schemas in SCHEMAS.items():
         for name, node in schemas.items():
             cs.store(name=f"schema_{group}_{name}", node=node)

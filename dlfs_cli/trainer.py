@@ -23,6 +23,51 @@ def metric_names(loss_name: str) -> list[str]:
     return REGRESSION_METRICS if loss_name == "mse" else CLASSIFICATION_METRICS
 
 
+def make_loss(name: str) -> Callable[[Tensor, Tensor], Tensor]:
+    return nn.MSELoss() if name == "mse" else nn.CrossEntropyLoss()  # CrossEntropyLoss takes raw logits
+
+
+def model_output(model: nn.Module, x: Tensor) -> Tensor:
+    """The tensor the loss is computed on: the first output of a model that returns several."""
+    out = model(x)
+    return out[0] if isinstance(out, tuple) else out  # e.g. the autoencoder's (reconstruction, code)
+
+
+@torch.inference_mode()  # no autograd bookkeeping at all (stricter than no_grad)
+def evaluate(
+    model: nn.Module, loader: Iterable, loss_name: str, device: torch.device, limit_batches: int | None = None
+) -> dict[str, float]:
+    """Held-out metrics, named test_<metric>, accumulated over the whole split (or limit_batches of it)."""
+    model.eval()
+    loss_fn = make_loss(loss_name)
+    sums: dict[str, Tensor] = {}
+    samples = elements = 0
+    for x, y in islice(loader, limit_batches):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        out = model_output(model, x)
+        batch = {"loss": loss_fn(out, y) * len(x)}
+        if loss_name == "mse":
+            batch["se"] = (out - y).square().sum()
+            batch["ae"] = (out - y).abs().sum()
+        else:
+            batch["correct"] = (out.argmax(dim=1) == y).sum()
+        for k, v in batch.items():
+            sums[k] = sums.get(k, 0) + v.double()
+        samples += len(x)
+        elements += y.numel()
+    if samples == 0:
+        raise DlfsError("the held-out split is empty: nothing to evaluate")
+    values = {k: v.item() for k, v in sums.items()}  # one host sync per evaluation
+    metrics = {"loss": values["loss"] / samples}
+    if loss_name == "mse":
+        metrics["mse"] = values["se"] / elements
+        metrics["rmse"] = math.sqrt(metrics["mse"])
+        metrics["mae"] = values["ae"] / elements
+    else:
+        metrics["accuracy"] = values["correct"] / samples
+    return {f"test_{k}": v for k, v in metrics.items()}
+
+
 class Trainer:
     def __init__(
         self,
@@ -40,7 +85,7 @@ class Trainer:
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.loss_name = loss_name
-        self.loss_fn: Callable[[Tensor, Tensor], Tensor] = nn.MSELoss() if loss_name == "mse" else nn.CrossEntropyLoss()
+        self.loss_fn = make_loss(loss_name)
         self.device = device
         self.run = run
         self.checkpoint_extra = checkpoint_extra  # config, versions: saved with every checkpoint
@@ -85,7 +130,7 @@ class Trainer:
         for i, (x, y) in enumerate(islice(loader, self.limit_batches), start=1):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self.loss_fn(self._output(x), y)
+            loss = self.loss_fn(model_output(self.model, x), y)
             loss.backward()
             self.optimizer.step()
             self.step += 1
@@ -118,40 +163,8 @@ class Trainer:
             }
         )
 
-    @torch.no_grad()
     def evaluate(self, loader: Iterable) -> dict[str, float]:
-        """Held-out metrics, named test_<metric>, accumulated over the whole split."""
-        self.model.eval()
-        sums: dict[str, Tensor] = {}
-        samples = elements = 0
-        for x, y in islice(loader, self.limit_batches):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            out = self._output(x)
-            batch = {"loss": self.loss_fn(out, y) * len(x)}
-            if self.loss_name == "mse":
-                batch["se"] = (out - y).square().sum()
-                batch["ae"] = (out - y).abs().sum()
-            else:
-                batch["correct"] = (out.argmax(dim=1) == y).sum()
-            for k, v in batch.items():
-                sums[k] = sums.get(k, 0) + v.double()
-            samples += len(x)
-            elements += y.numel()
-        if samples == 0:
-            raise DlfsError("the held-out split is empty: nothing to evaluate")
-        values = {k: v.item() for k, v in sums.items()}  # one host sync per evaluation
-        metrics = {"loss": values["loss"] / samples}
-        if self.loss_name == "mse":
-            metrics["mse"] = values["se"] / elements
-            metrics["rmse"] = math.sqrt(metrics["mse"])
-            metrics["mae"] = values["ae"] / elements
-        else:
-            metrics["accuracy"] = values["correct"] / samples
-        return {f"test_{k}": v for k, v in metrics.items()}
-
-    def _output(self, x: Tensor) -> Tensor:
-        out = self.model(x)
-        return out[0] if isinstance(out, tuple) else out  # e.g. the autoencoder's (reconstruction, code)
+        return evaluate(self.model, loader, self.loss_name, self.device, self.limit_batches)
 
     def _evaluate_and_record(self, loader: Iterable, epoch: int, lr: float) -> dict[str, float]:
         metrics = self.evaluate(loader)

@@ -41,3 +41,29 @@ def run_dlfs(
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def write_idx(raw: Path, split: str, pixels, labels) -> None:
+    """Write MNIST's two IDX files for one split (`train` or `t10k`) into raw/."""
+    import struct
+
+    import numpy as np
+
+    raw.mkdir(parents=True, exist_ok=True)
+    n = len(pixels)
+    images = struct.pack(">IIII", 2051, n, 28, 28) + np.asarray(pixels, dtype=np.uint8).tobytes()
+    (raw / f"{split}-images-idx3-ubyte").write_bytes(images)
+    (raw / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + bytes(np.asarray(labels, np.uint8)))
+
+
+@pytest.fixture
+def mnist_root(tmp_path: Path) -> Path:
+    """A small MNIST in torchvision's layout (<root>/MNIST/raw/), made of real handwritten digits
+    (scikit-learn's, upsampled): 240 training and 60 test images."""
+    from dlfs_cli.data.digits import load_digits_28
+
+    pixels, labels = load_digits_28()
+    root = tmp_path / "mnist_root"
+    write_idx(root / "MNIST" / "raw", "train", pixels[:240].numpy(), labels[:240].numpy())
+    write_idx(root / "MNIST" / "raw", "t10k", pixels[240:300].numpy(), labels[240:300].numpy())
+    return root

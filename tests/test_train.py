@@ -27,7 +27,12 @@ def test_run_folder_contract(make_cfg, tmp_path: Path) -> None:
     metrics = train(make_cfg(*SMOKE, "trainer.seed=7"), run)
 
     assert {p.name for p in run.iterdir()} == {
-        "config.yaml", "metrics.csv", "summary.json", "checkpoints", "train.log", "figures"
+        "config.yaml",
+        "metrics.csv",
+        "summary.json",
+        "checkpoints",
+        "train.log",
+        "figures",
     }
     assert [p.name for p in (run / "figures").iterdir()] == ["loss_curves.png"]
     config = yaml.safe_load((run / "config.yaml").read_text())

@@ -1,0 +1,70 @@
+"""`dlfs eval run=<folder>`: rebuild a run's model and data from its checkpoint and recompute the metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from dlfs_cli.checkpoint import load_checkpoint
+from dlfs_cli.config import DlfsError
+from dlfs_cli.data import build_data
+from dlfs_cli.models import RECONSTRUCTS, build_model
+from dlfs_cli.tracking import CHECKPOINT_DIR
+from dlfs_cli.train import resolve_device
+from dlfs_cli.trainer import evaluate
+
+
+def evaluate_run(run_dir: Path, checkpoint: str = "last", device: str | None = None) -> dict[str, Any]:
+    """{"recomputed": metrics now, "recorded": metrics saved with that checkpoint, "epoch": its epoch}."""
+    if not run_dir.is_dir():
+        raise DlfsError(f"run={run_dir}: no such folder")
+    path = run_dir / CHECKPOINT_DIR / f"{checkpoint}.pt"
+    if not path.is_file():
+        found = sorted(p.name for p in (run_dir / CHECKPOINT_DIR).glob("*.pt"))
+        raise DlfsError(
+            f"run={run_dir}: no {CHECKPOINT_DIR}/{checkpoint}.pt"
+            + (f" (it has {', '.join(found)})" if found else " (is it a dlfs run folder that finished an epoch?)")
+        )
+    try:
+        state = load_checkpoint(path)
+    except Exception as ex:  # noqa: BLE001 - a damaged file, whatever torch says about it
+        raise DlfsError(f"{path}: cannot be read as a checkpoint ({type(ex).__name__}: {ex})") from None
+    cfg = OmegaConf.create(state["config"])
+    # The device the run was configured with (usually auto) unless the user names one.
+    target = resolve_device(device or cfg.device)
+    data = build_data(cfg.data, cfg.trainer.batch_size, cfg.trainer.seed, target, cfg.model.name in RECONSTRUCTS)
+    model = build_model(cfg.model, data.info).to(target)
+    model.load_state_dict(state["model"])
+    metrics = evaluate(model, data.test, cfg.loss.name, target, cfg.trainer.limit_batches)
+    return {"recomputed": metrics, "recorded": state.get("metrics", {}), "epoch": state.get("epoch")}
+
+
+def print_comparison(run_dir: Path, checkpoint: str, result: dict[str, Any]) -> bool:
+    """A table of recorded against recomputed metrics; True when every one matches exactly."""
+    from rich.table import Table
+
+    from dlfs_cli.tracking import console
+
+    table = Table(title=f"{run_dir} ({checkpoint}.pt, epoch {result['epoch']})")
+    for column in ("metric", "recorded", "recomputed", "same"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    all_same = True
+    for name, value in result["recomputed"].items():
+        recorded = result["recorded"].get(name)
+        same = recorded == value
+        all_same &= same
+        table.add_row(name, "-" if recorded is None else f"{recorded:.6g}", f"{value:.6g}", "yes" if same else "NO")
+    console.print(table)
+    return all_same
+
+
+def run_eval(run: str, checkpoint: str, device: str | None) -> dict[str, float]:
+    run_dir = Path(run).expanduser()
+    with torch.random.fork_rng(devices=[]):  # evaluation draws no random numbers, but never disturbs any
+        result = evaluate_run(run_dir, checkpoint, device)
+    if not print_comparison(run_dir, checkpoint, result):
+        print("note: the recomputed metrics differ from the recorded ones (another device or library version?)")
+    return result["recomputed"]
