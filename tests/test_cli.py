@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_dlfs
+from tests.conftest import RUN_FILES, run_dlfs
 
 
 def test_help_lists_the_commands(tmp_path: Path) -> None:
@@ -103,15 +103,7 @@ def test_a_cli_run_writes_the_whole_run_folder(tmp_path: Path) -> None:
     out = run_dlfs("train", "trainer.epochs=2", "hydra.run.dir=myrun", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     run = tmp_path / "myrun"
-    assert {p.name for p in run.iterdir()} == {
-        ".hydra",
-        "config.yaml",
-        "metrics.csv",
-        "summary.json",
-        "checkpoints",
-        "train.log",
-        "figures",
-    }
+    assert {p.name for p in run.iterdir()} == RUN_FILES | {".hydra"}
     assert {p.name for p in (run / ".hydra").iterdir()} == {"config.yaml", "hydra.yaml", "overrides.yaml"}
     assert {p.name for p in (run / "checkpoints").iterdir()} == {"last.pt", "best.pt"}
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"

@@ -14,7 +14,7 @@ import yaml
 
 from dlfs_cli.config import DlfsError
 from dlfs_cli.train import train
-from tests.conftest import SMOKE
+from tests.conftest import RUN_FILES, SMOKE
 
 
 def read_metrics(run: Path) -> list[dict[str, str]]:
@@ -26,14 +26,7 @@ def test_run_folder_contract(make_cfg, tmp_path: Path) -> None:
     run = tmp_path / "run"
     metrics = train(make_cfg(*SMOKE, "trainer.seed=7"), run)
 
-    assert {p.name for p in run.iterdir()} == {
-        "config.yaml",
-        "metrics.csv",
-        "summary.json",
-        "checkpoints",
-        "train.log",
-        "figures",
-    }
+    assert {p.name for p in run.iterdir()} == RUN_FILES
     assert [p.name for p in (run / "figures").iterdir()] == ["loss_curves.png"]
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["trainer"]["epochs"] == 2 and config["model"]["activation"] == "sigmoid"

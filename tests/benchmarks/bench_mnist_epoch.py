@@ -3,7 +3,8 @@
     python tests/benchmarks/bench_mnist_epoch.py [DATA_ROOT] [ROUNDS]
 
 DATA_ROOT holds MNIST/raw/ (default ../shared/data). Each round runs, one after the other:
-the book's script (../shared/bench/book_mnist.py DATA_ROOT loader), then
+the book's script (../shared/bench/book_mnist.py DATA_ROOT loader), the same script's bare loop over
+pre-normalised tensors (`tensor`: the floor for this model without the runner), then
 `dlfs train experiment=book_mnist_cnn` (tensor path, figures off), then the same with
 data.pipeline=torchvision. Reported: the epoch's training time (the book script's epoch_s; dlfs's
 elapsed_s at the epoch's last step in metrics.csv), the whole process, and test accuracy; medians
@@ -28,10 +29,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared"
 
 
-def run_book(data_root: str) -> dict[str, float]:
+def run_book(data_root: str, mode: str) -> dict[str, float]:
     t0 = time.perf_counter()
     out = subprocess.run(
-        [sys.executable, str(SHARED / "bench" / "book_mnist.py"), data_root, "loader"],
+        [sys.executable, str(SHARED / "bench" / "book_mnist.py"), data_root, mode],
         capture_output=True,
         text=True,
         check=True,
@@ -71,11 +72,13 @@ def run_dlfs(data_root: str, pipeline: str, work: Path) -> dict[str, float]:
 def main() -> None:
     data_root = sys.argv[1] if len(sys.argv) > 1 else str(SHARED / "data")
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 2
-    results: dict[str, list[dict[str, float]]] = {"book loader": [], "dlfs tensor": [], "dlfs torchvision": []}
+    names = ("book loader", "book tensor", "dlfs tensor", "dlfs torchvision")
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
             for name, fn in (
-                ("book loader", lambda: run_book(data_root)),
+                ("book loader", lambda: run_book(data_root, "loader")),
+                ("book tensor", lambda: run_book(data_root, "tensor")),
                 ("dlfs tensor", lambda: run_dlfs(data_root, "tensor", Path(tmp))),
                 ("dlfs torchvision", lambda: run_dlfs(data_root, "torchvision", Path(tmp))),
             ):
