@@ -76,11 +76,36 @@ def _eval_app(cfg: DictConfig) -> None:
         raise UserError(str(ex)) from None
 
 
-# --- the command table: later commands (eval, generate, reproduce, runs) go here --------------
+# --- generate --------------------------------------------------------------------------------
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")
+def _generate_app(cfg: DictConfig) -> None:
+    if OmegaConf.is_missing(cfg, "run"):
+        raise UserError("dlfs generate needs a run folder: dlfs generate run=outputs/lstm_charmodel/<timestamp>")
+    if cfg.length < 0:
+        raise UserError(f"invalid value for length: {cfg.length} (must be >= 0)")
+    if cfg.temperature < 0:
+        raise UserError(f"invalid value for temperature: {cfg.temperature} (must be >= 0; near 0 is greedy)")
+    if DEVICE_PATTERN.fullmatch(cfg.device) is None:
+        raise UserError(f"invalid value for device: {cfg.device!r} (choose from: auto, cpu, cuda, cuda:N, mps)")
+    try:
+        from dlfs_cli.generate import load_char_model, sample
+        from dlfs_cli.train import resolve_device
+
+        device = resolve_device(cfg.device)
+        model, vocab = load_char_model(Path(cfg.run).expanduser(), cfg.checkpoint.value, device)
+        print(sample(model, vocab, cfg.prime, cfg.length, cfg.temperature, cfg.seed, device))
+    except DlfsError as ex:
+        raise UserError(str(ex)) from None
+
+
+# --- the command table: later commands (reproduce, runs) go here --------------
 
 COMMANDS: dict[str, tuple[Callable[[], object], str]] = {
     "train": (_train_app, "train a model (a Hydra app: KEY=VALUE overrides, -m, --cfg job, --help)"),
     "eval": (_eval_app, "recompute a run's held-out metrics from its checkpoint: dlfs eval run=<folder>"),
+    "generate": (_generate_app, "sample text from a trained lstm_charmodel run: dlfs generate run=<folder>"),
 }
 
 

@@ -41,6 +41,16 @@ class ImageScaling(str, Enum):
     minmax = "minmax"  # [-1, 1] by the training set's min and max: the book's autoencoder
 
 
+class Batching(str, Enum):
+    streams = "streams"  # the text cut into batch_size contiguous streams; each row's state carried
+    book = "book"  # the notebook's overlapping windows, carrying the batch-mean state
+
+
+class Corpus(str, Enum):
+    book = "book"  # the notebook's 99,993-character synthetic Shakespeare (DLFS_code, MIT)
+    tinyshakespeare = "tinyshakespeare"  # 1,115,394 characters (karpathy/char-rnn, MIT)
+
+
 class Pipeline(str, Enum):
     tensor = "tensor"  # each split held whole as one uint8 tensor, scaled per batch (fast)
     torchvision = "torchvision"  # the book's PIL -> ToTensor -> Normalize through a DataLoader
@@ -89,6 +99,14 @@ class AutoencoderConfig(ModelConfig):
     activation: Activation = Activation.tanh
 
 
+@dataclass
+class NextCharacterConfig(ModelConfig):
+    """The book's NextCharacterModel: one-hot characters -> LSTM -> Dense(vocab) at every step."""
+
+    name: str = "lstm_charmodel"
+    hidden_size: int | None = 256  # the chapter text; None = the vocabulary size (the notebook)
+
+
 # --- data ------------------------------------------------------------------------------------
 
 
@@ -123,6 +141,16 @@ class DigitsDataConfig(DataConfig):
     test_size: float = 0.2
     split_seed: int = 0
     scaling: ImageScaling = ImageScaling.auto
+
+
+@dataclass
+class TextDataConfig(DataConfig):
+    name: str = "text"
+    corpus: Corpus = Corpus.book  # a text bundled with dlfs
+    path: str | None = None  # any UTF-8 text file instead of the corpus
+    sequence_length: int = 25  # characters per row of a batch (the chapter text's 25)
+    batching: Batching = Batching.streams
+    train_fraction: float = 0.8  # the first 80% of the text trains, the rest is held out (the book's split)
 
 
 # --- optimizer -------------------------------------------------------------------------------
@@ -213,6 +241,19 @@ class CheckpointChoice(str, Enum):
 
 
 @dataclass
+class GenerateConfig:
+    """`dlfs generate`: sample text from a trained lstm_charmodel run."""
+
+    run: str = MISSING  # the run folder
+    length: int = 500  # characters to generate after the prime
+    temperature: float = 1.0  # < 1 sharper, > 1 more random; near 0 always takes the likeliest character
+    prime: str | None = None  # text to start from; None = a newline (or the vocabulary's first character)
+    seed: int = 0
+    checkpoint: CheckpointChoice = CheckpointChoice.last
+    device: str = "cpu"
+
+
+@dataclass
 class EvalConfig:
     """`dlfs eval`: recompute a finished run's held-out metrics from one of its checkpoints."""
 
@@ -238,8 +279,13 @@ class TrainConfig:
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
-    "model": {"boston": BostonModelConfig, "mnist_cnn": MNISTConvNetConfig, "autoencoder": AutoencoderConfig},
-    "data": {"boston": BostonDataConfig, "mnist": MNISTDataConfig, "digits": DigitsDataConfig},
+    "model": {
+        "boston": BostonModelConfig,
+        "mnist_cnn": MNISTConvNetConfig,
+        "autoencoder": AutoencoderConfig,
+        "lstm_charmodel": NextCharacterConfig,
+    },
+    "data": {"boston": BostonDataConfig, "mnist": MNISTDataConfig, "digits": DigitsDataConfig, "text": TextDataConfig},
     "optimizer": {"sgd": SGDConfig, "adam": AdamConfig},
     "scheduler": {
         "none": SchedulerConfig,
@@ -259,6 +305,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="schema_train", node=TrainConfig)
     cs.store(name="schema_eval", node=EvalConfig)
+    cs.store(name="schema_generate", node=GenerateConfig)
     for group, schemas in SCHEMAS.items():
         for name, node in schemas.items():
             cs.store(name=f"schema_{group}_{name}", node=node)
@@ -348,7 +395,7 @@ def validate(cfg: DictConfig) -> None:
 
     m = cfg.model
     for key in ("hidden_size", "hidden_dim"):
-        if key in m:
+        if m.get(key) is not None:
             _check(m[key] >= 1, f"model.{key}", m[key], "must be >= 1")
     if "dropout_keep" in m:
         _check(0 < m.dropout_keep <= 1, "model.dropout_keep", m.dropout_keep, "keep probability in (0, 1]")
@@ -370,6 +417,9 @@ def validate(cfg: DictConfig) -> None:
     d = cfg.data
     if "test_size" in d:
         _check(0 < d.test_size < 1, "data.test_size", d.test_size, "a fraction in (0, 1)")
+    if "sequence_length" in d:
+        _check(d.sequence_length >= 1, "data.sequence_length", d.sequence_length, "must be >= 1")
+        _check(0 < d.train_fraction < 1, "data.train_fraction", d.train_fraction, "a fraction in (0, 1)")
     if "num_workers" in d:
         _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
 

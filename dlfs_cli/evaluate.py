@@ -8,30 +8,16 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from dlfs_cli.checkpoint import load_checkpoint
-from dlfs_cli.config import DlfsError
+from dlfs_cli.checkpoint import load_run_checkpoint
 from dlfs_cli.data import build_data
 from dlfs_cli.models import RECONSTRUCTS, build_model
-from dlfs_cli.tracking import CHECKPOINT_DIR
 from dlfs_cli.train import resolve_device
 from dlfs_cli.trainer import evaluate
 
 
 def evaluate_run(run_dir: Path, checkpoint: str = "last", device: str | None = None) -> dict[str, Any]:
     """{"recomputed": metrics now, "recorded": metrics saved with that checkpoint, "epoch": its epoch}."""
-    if not run_dir.is_dir():
-        raise DlfsError(f"run={run_dir}: no such folder")
-    path = run_dir / CHECKPOINT_DIR / f"{checkpoint}.pt"
-    if not path.is_file():
-        found = sorted(p.name for p in (run_dir / CHECKPOINT_DIR).glob("*.pt"))
-        raise DlfsError(
-            f"run={run_dir}: no {CHECKPOINT_DIR}/{checkpoint}.pt"
-            + (f" (it has {', '.join(found)})" if found else " (is it a dlfs run folder that finished an epoch?)")
-        )
-    try:
-        state = load_checkpoint(path)
-    except Exception as ex:  # noqa: BLE001 - a damaged file, whatever torch says about it
-        raise DlfsError(f"{path}: cannot be read as a checkpoint ({type(ex).__name__}: {ex})") from None
+    state = load_run_checkpoint(run_dir, checkpoint)
     cfg = OmegaConf.create(state["config"])
     # The device the run was configured with (usually auto) unless the user names one.
     target = resolve_device(device or cfg.device)

@@ -35,7 +35,7 @@ def make_figures(
     out.mkdir(exist_ok=True)
     written = [loss_curves(run_dir / METRICS_FILE, out / "loss_curves.png", cfg.model.name)]
     model.eval()
-    if loss_name == "cross_entropy":
+    if loss_name == "cross_entropy" and test_labels is not None:  # labelled images, not characters
         y_true, y_pred = _predictions(model, test_loader, device)
         written.append(confusion_matrix(y_true, y_pred, out / "confusion_matrix.png"))
     if hasattr(model, "encoder") and hasattr(model, "decoder"):

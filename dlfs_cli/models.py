@@ -1,19 +1,20 @@
 """The book's models, and the closed registry that builds them from a config.
 
 Each model is a plain nn.Module whose `forward` returns outputs; losses and metrics belong to the
-trainer. Later models (NextCharacterModel) join MODELS here.
+trainer (which also carries a recurrent model's state between batches).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from dlfs_cli.config import DlfsError
 from dlfs_cli.data import DataInfo
-from dlfs_cli.layers import ConvLayer, DenseLayer
+from dlfs_cli.layers import ConvLayer, DenseLayer, LSTMLayer, LSTMState
 
 
 class HousePricesModel(nn.Module):
@@ -121,9 +122,32 @@ class Autoencoder(nn.Module):
         return self.decoder(code), code
 
 
+class NextCharacterModel(nn.Module):
+    """The book's character model: one-hot characters -> LSTMLayer -> logits for the next character.
+
+    forward takes character indices (batch, length) and the carried (h, c) state (None = zeros), and
+    returns logits arranged (batch, vocab, length) for CrossEntropyLoss, with the new state.
+    """
+
+    def __init__(self, vocab_size: int, hidden_size: int = 256) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.lstm = LSTMLayer(vocab_size, hidden_size, vocab_size)
+
+    def forward(self, chars: Tensor, state: LSTMState | None = None) -> tuple[Tensor, LSTMState]:
+        x = F.one_hot(chars, self.vocab_size).float()  # (batch, length, vocab), as the book feeds it
+        out, state = self.lstm(x, state)  # one cuDNN/oneDNN call over all steps: no Python time loop
+        return out.permute(0, 2, 1), state
+
+
 def _needs(info: DataInfo, what: str, model: str) -> None:
     if getattr(info, what) is None:
-        kind = {"num_features": "tabular data (rows of features)", "image_shape": "images"}.get(what, what)
+        kind = {
+            "num_features": "tabular data (rows of features)",
+            "image_shape": "images",
+            "vocab": "text",
+            "num_classes": "class labels",
+        }[what]
         raise DlfsError(f"model={model} needs {kind}; data={info.name} has none")
 
 
@@ -146,6 +170,11 @@ def _autoencoder(cfg: DictConfig, info: DataInfo) -> nn.Module:
     return Autoencoder(info.image_shape, cfg.hidden_dim, tuple(cfg.channels), cfg.filter_size, cfg.activation)
 
 
+def _lstm_charmodel(cfg: DictConfig, info: DataInfo) -> nn.Module:
+    _needs(info, "vocab", "lstm_charmodel")
+    return NextCharacterModel(len(info.vocab), cfg.hidden_size or len(info.vocab))
+
+
 def _boston(cfg: DictConfig, info: DataInfo) -> nn.Module:
     _needs(info, "num_features", "boston")
     return HousePricesModel(info.num_features, cfg.hidden_size, cfg.activation, cfg.dropout_keep)
@@ -155,6 +184,7 @@ MODELS: dict[str, Callable[[DictConfig, DataInfo], nn.Module]] = {
     "boston": _boston,
     "mnist_cnn": _mnist_cnn,
     "autoencoder": _autoencoder,
+    "lstm_charmodel": _lstm_charmodel,
 }
 RECONSTRUCTS = {"autoencoder"}  # models trained to reproduce their input: the data's targets are the inputs
 

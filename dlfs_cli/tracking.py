@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.tree import Tree
 
 from dlfs_cli import __version__
+from dlfs_cli.checkpoint import CHECKPOINT_DIR
 
 log = logging.getLogger("dlfs")
 
@@ -28,7 +29,6 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 LOG_FILE = "train.log"
-CHECKPOINT_DIR = "checkpoints"
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dlfs_cli import __version__
 from dlfs_cli.config import DlfsError, validate
 from dlfs_cli.data import build_data
 from dlfs_cli.models import RECONSTRUCTS, build_model
@@ -51,7 +52,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
             "parameters": sum(p.numel() for p in model.parameters()),
             "versions": versions(),
         },
-        metric_columns=metric_names(cfg.loss.name),
+        metric_columns=metric_names(cfg.loss.name, sequence=data.info.vocab is not None),
     )
     print_config_tree(cfg)
     log.info(
@@ -70,7 +71,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         cfg.loss.name,
         device,
         run,
-        checkpoint_extra={"config": plain_cfg, "dlfs_version": run.summary["versions"]["dlfs"]},
+        # saved with every checkpoint; the vocabulary travels with the weights (index i = vocab[i])
+        checkpoint_extra={"config": plain_cfg, "dlfs_version": __version__, "vocab": data.info.vocab},
         limit_batches=cfg.trainer.limit_batches,
         log_every=cfg.trainer.log_every,
     )
@@ -80,14 +82,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         run.update_summary(metrics=metrics)
         if cfg.figures.enabled:
             _figures(run, cfg, model, data, device)
+        if data.info.vocab is not None:
+            _sample(run, cfg, model, data.info.vocab, device)
         status = "completed"
         log.info("completed: %s", " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-    except Diverged as ex:
-        status = "diverged"
-        run.update_summary(error=str(ex))
-        log.error("%s", ex)
-        raise
     except DlfsError as ex:
+        status = "diverged" if isinstance(ex, Diverged) else "failed"
         run.update_summary(error=str(ex))
         log.error("%s", ex)
         raise
@@ -115,6 +115,18 @@ def _figures(run: RunFolder, cfg: DictConfig, model: torch.nn.Module, data, devi
     except Exception as ex:  # noqa: BLE001
         log.warning("figures failed: %s: %s", type(ex).__name__, ex)
         run.update_summary(figures_error=f"{type(ex).__name__}: {ex}")
+
+
+SAMPLE_FILE = "samples.txt"
+
+
+def _sample(run: RunFolder, cfg: DictConfig, model: torch.nn.Module, vocab: str, device: torch.device) -> None:
+    """A short sample of the trained character model, for a first look (dlfs generate makes more)."""
+    from dlfs_cli.generate import sample
+
+    text = sample(model, vocab, None, 300, 1.0, cfg.trainer.seed, device)
+    (run.path / SAMPLE_FILE).write_text(text + "\n", encoding="utf-8")
+    log.info("sample (%s):\n%s", SAMPLE_FILE, text)
 
 
 def resolve_device(name: str) -> torch.device:

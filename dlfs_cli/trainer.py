@@ -17,20 +17,61 @@ from dlfs_cli.tracking import ProgressDisplay, RunFolder
 
 REGRESSION_METRICS = ["loss", "mse", "rmse", "mae"]
 CLASSIFICATION_METRICS = ["loss", "accuracy"]
+SEQUENCE_METRICS = ["loss", "bpc", "accuracy"]  # next-character prediction: loss in nats, bpc in bits
 
 
-def metric_names(loss_name: str) -> list[str]:
-    return REGRESSION_METRICS if loss_name == "mse" else CLASSIFICATION_METRICS
+def metric_names(loss_name: str, sequence: bool = False) -> list[str]:
+    if loss_name == "mse":
+        return REGRESSION_METRICS
+    return SEQUENCE_METRICS if sequence else CLASSIFICATION_METRICS
+
+
+class CarriedState:
+    """A recurrent model's (h, c) from one batch to the next: detached (truncated backpropagation),
+    on the model's device, None (zeros) at the start of every pass over the data.
+
+    mode "rows": row r's final state starts row r of the next batch (contiguous streams);
+    mode "mean": the batch mean of the final states starts every row (the book's notebook).
+    """
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.state: tuple[Tensor, Tensor] | None = None
+
+    def take(self, batch_size: int) -> tuple[Tensor, Tensor] | None:
+        if self.state is None:
+            return None
+        h, c = self.state
+        if self.mode == "mean":
+            return h.expand(-1, batch_size, -1).contiguous(), c.expand(-1, batch_size, -1).contiguous()
+        return (h, c) if h.shape[1] == batch_size else None
+
+    def keep(self, state: tuple[Tensor, Tensor]) -> None:
+        h, c = (s.detach() for s in state)
+        if self.mode == "mean":
+            h, c = h.mean(dim=1, keepdim=True), c.mean(dim=1, keepdim=True)
+        self.state = (h, c)
+
+
+def carried_state(loader: Iterable) -> CarriedState | None:
+    """The state a loader's batches carry from one to the next (text batchings say how), or None."""
+    mode = getattr(loader, "carry", None)
+    return CarriedState(mode) if mode else None
 
 
 def make_loss(name: str) -> Callable[[Tensor, Tensor], Tensor]:
     return nn.MSELoss() if name == "mse" else nn.CrossEntropyLoss()  # CrossEntropyLoss takes raw logits
 
 
-def model_output(model: nn.Module, x: Tensor) -> Tensor:
-    """The tensor the loss is computed on: the first output of a model that returns several."""
+def model_output(model: nn.Module, x: Tensor, carried: CarriedState | None = None) -> Tensor:
+    """The tensor the loss is computed on: the first output of a model that returns several
+    (the autoencoder's (reconstruction, code)); a recurrent model also gets and gives its state."""
+    if carried is not None:
+        out, state = model(x, carried.take(len(x)))
+        carried.keep(state)
+        return out
     out = model(x)
-    return out[0] if isinstance(out, tuple) else out  # e.g. the autoencoder's (reconstruction, code)
+    return out[0] if isinstance(out, tuple) else out
 
 
 @torch.inference_mode()  # no autograd bookkeeping at all (stricter than no_grad)
@@ -40,12 +81,13 @@ def evaluate(
     """Held-out metrics, named test_<metric>, accumulated over the whole split (or limit_batches of it)."""
     model.eval()
     loss_fn = make_loss(loss_name)
+    carried = carried_state(loader)  # its own: evaluation never touches the training state
     sums: dict[str, Tensor] = {}
-    samples = elements = 0
+    elements = 0
     for x, y in islice(loader, limit_batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        out = model_output(model, x)
-        batch = {"loss": loss_fn(out, y) * len(x)}
+        out = model_output(model, x, carried)
+        batch = {"loss": loss_fn(out, y) * y.numel()}  # the losses are means over the targets' elements
         if loss_name == "mse":
             batch["se"] = (out - y).square().sum()
             batch["ae"] = (out - y).abs().sum()
@@ -53,18 +95,19 @@ def evaluate(
             batch["correct"] = (out.argmax(dim=1) == y).sum()
         for k, v in batch.items():
             sums[k] = sums.get(k, 0) + v.double()
-        samples += len(x)
         elements += y.numel()
-    if samples == 0:
+    if elements == 0:
         raise DlfsError("the held-out split is empty: nothing to evaluate")
     values = {k: v.item() for k, v in sums.items()}  # one host sync per evaluation
-    metrics = {"loss": values["loss"] / samples}
+    metrics = {"loss": values["loss"] / elements}
     if loss_name == "mse":
         metrics["mse"] = values["se"] / elements
         metrics["rmse"] = math.sqrt(metrics["mse"])
         metrics["mae"] = values["ae"] / elements
     else:
-        metrics["accuracy"] = values["correct"] / samples
+        if y.dim() > 1:  # a prediction at every position of a sequence: characters
+            metrics["bpc"] = metrics["loss"] / math.log(2)  # nats per character -> bits per character
+        metrics["accuracy"] = values["correct"] / elements
     return {f"test_{k}": v for k, v in metrics.items()}
 
 
@@ -94,6 +137,7 @@ class Trainer:
         self._start = time.monotonic()  # reset by fit(); elapsed_s in metrics.csv counts from there
         self.step = 0
         self.best_loss = math.inf
+        self.carried: CarriedState | None = None
 
     def fit(self, train_loader: Iterable, test_loader: Iterable, epochs: int, eval_every: int) -> dict[str, float]:
         """Train for `epochs`, evaluating every `eval_every` epochs and after the last; returns final test metrics."""
@@ -124,13 +168,14 @@ class Trainer:
         mean loss over the steps since the previous row.
         """
         self.model.train()  # every epoch: evaluation switched it to eval mode (the book forgot this)
+        self.carried = carried_state(loader)  # a recurrent model starts each epoch from zeros
         # Summed on the device: reading a loss with .item() every step would stall a GPU.
         epoch_sum, window_sum = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         epoch_n = window_n = 0
         for i, (x, y) in enumerate(islice(loader, self.limit_batches), start=1):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self.loss_fn(model_output(self.model, x), y)
+            loss = self.loss_fn(model_output(self.model, x, self.carried), y)
             loss.backward()
             self.optimizer.step()
             self.step += 1

@@ -1,6 +1,6 @@
 """Datasets: each `data` config option builds a train and a held-out DataLoader plus a DataInfo.
 
-New datasets (MNIST, digits, text) join DATASETS here; their modules are imported only when used.
+New datasets join DATASETS here; their modules are imported only when used.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class DataInfo:
     num_features: int | None = None  # tabular data: columns per row
     num_classes: int | None = None  # classification: number of labels
     image_shape: tuple[int, int, int] | None = None  # images: (channels, height, width)
+    vocab: str | None = None  # text: the sorted characters; index i is character vocab[i]
 
 
 @dataclass
@@ -41,7 +42,12 @@ class DataBundle:
 
 
 # data.name -> the module whose build(cfg, batch_size, seed, device, reconstruct) makes the loaders
-DATASETS = {"boston": "dlfs_cli.data.boston", "mnist": "dlfs_cli.data.mnist", "digits": "dlfs_cli.data.digits"}
+DATASETS = {
+    "boston": "dlfs_cli.data.boston",
+    "mnist": "dlfs_cli.data.mnist",
+    "digits": "dlfs_cli.data.digits",
+    "text": "dlfs_cli.data.text",
+}
 
 
 def build_data(

@@ -1,0 +1,68 @@
+"""What the benchmarks share: run each side in turn, round after round, and report medians and ratios."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED = ROOT.parent / "shared"
+RESULTS = Path(__file__).resolve().parent / "results"
+
+Measure = Callable[[], dict[str, float]]
+
+
+def alternate(sides: dict[str, Measure], rounds: int) -> dict[str, list[dict[str, float]]]:
+    """Each round runs every side once, in order, so that the machine's drift hits all sides alike."""
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
+    for r in range(rounds):
+        for name, measure in sides.items():
+            results[name].append(measure())
+            print(f"round {r + 1} {name}: {results[name][-1]}", flush=True)
+    return results
+
+
+def report(
+    title: str,
+    results: dict[str, list[dict[str, float]]],
+    columns: list[str],
+    ratio_of: str,
+    higher_is_better: bool,
+    file: str,
+) -> str:
+    """A markdown table of medians with each side's ratio to the first side on `ratio_of`; also saved."""
+    rounds = len(next(iter(results.values())))
+    base = statistics.median(x[ratio_of] for x in next(iter(results.values())))
+    lines = [
+        f"{title}: {time.strftime('%Y-%m-%d %H:%M')}, {platform.node()}, {os.cpu_count()} CPUs, "
+        f"{rounds} rounds alternating, medians",
+        "",
+        "| side | " + " | ".join(columns) + f" | {ratio_of} vs {next(iter(results))} |",
+        "|---|" + "---|" * (len(columns) + 1),
+    ]
+    for name, rows in results.items():
+        med = {c: statistics.median(x[c] for x in rows) for c in columns}
+        ratio = med[ratio_of] / base
+        cells = " | ".join(f"{med[c]:.4g}" for c in columns)
+        lines.append(f"| {name} | {cells} | {ratio:.2f}x{' (higher is better)' if higher_is_better else ''} |")
+    text = "\n".join(lines)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / file).write_text(text + "\n")
+    return text
+
+
+def timed(cmd: list[str]) -> tuple[str, float]:
+    """Run a command; its stdout and the whole process's wall time."""
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return out, time.perf_counter() - t0
+
+
+def dlfs(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dlfs_cli", *args]

@@ -1,0 +1,199 @@
+"""The LSTM character model: batchings checked by hand on tiny strings, carried state, text-file
+errors, generation, and a smoke run through train() and `dlfs generate`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dlfs_cli.config import DlfsError
+from dlfs_cli.data import build_data
+from dlfs_cli.data.text import BookBatches, StreamBatches, WindowBatches, encode, read_text, vocabulary
+from dlfs_cli.generate import sample
+from dlfs_cli.models import NextCharacterModel
+from dlfs_cli.train import train
+from dlfs_cli.trainer import CarriedState, evaluate
+from tests.conftest import run_dlfs
+
+ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+
+
+def decoded(batches) -> list[tuple[list[str], list[str]]]:
+    """Each batch as (input rows, target rows) of letters."""
+    letters = lambda t: ["".join(ALPHABET[i] for i in row) for row in t.tolist()]  # noqa: E731
+    return [(letters(x), letters(y)) for x, y in batches]
+
+
+def test_vocabulary_is_sorted() -> None:
+    assert vocabulary("hello, world") == " ,dehlorw"
+    assert encode("cab", "abc").tolist() == [2, 0, 1]
+
+
+def test_stream_batches_by_hand() -> None:
+    # "abcdefghijklm" in 2 streams of 6 ("abcdef", "ghijkl"; "m" does not fit), windows of 3
+    batches = StreamBatches(encode(ALPHABET[:13], ALPHABET), batch_size=2, sequence_length=3)
+    assert decoded(batches) == [
+        (["abc", "ghi"], ["bcd", "hij"]),
+        (["de", "jk"], ["ef", "kl"]),  # the last window is shorter: a stream's last letter is only a target
+    ]
+    assert len(batches) == 2 and batches.carry == "rows"
+
+
+def test_book_batches_by_hand() -> None:
+    # the notebook's layout: batch i starts at letter 2 * i, row j one letter after row j - 1
+    batches = BookBatches(encode(ALPHABET[:16], ALPHABET), batch_size=2, sequence_length=3)
+    assert decoded(batches) == [
+        (["abc", "bcd"], ["bcd", "cde"]),
+        (["cde", "def"], ["def", "efg"]),
+        (["efg", "fgh"], ["fgh", "ghi"]),
+        (["ghi", "hij"], ["hij", "ijk"]),
+        (["ijk", "jkl"], ["jkl", "klm"]),
+    ]
+    assert len(batches) == 5 and batches.carry == "mean"
+
+
+def test_book_evaluation_windows_by_hand() -> None:
+    batches = WindowBatches(encode(ALPHABET[:10], ALPHABET), batch_size=2, sequence_length=3)
+    assert decoded(batches) == [(["abc", "def"], ["bcd", "efg"]), (["ghi"], ["hij"])]
+    assert batches.carry is None
+
+
+def test_carried_state_rows_and_mean() -> None:
+    h = torch.arange(6.0, requires_grad=True).view(1, 3, 2)
+    c = -h
+    rows = CarriedState("rows")
+    assert rows.take(3) is None  # a pass starts from zeros
+    rows.keep((h, c))
+    taken = rows.take(3)
+    assert torch.equal(taken[0], h) and not taken[0].requires_grad  # detached: truncated backprop
+    assert rows.take(2) is None  # a batch of another size cannot continue these rows
+    mean = CarriedState("mean")
+    mean.keep((h, c))
+    h3, _ = mean.take(4)
+    assert h3.shape == (1, 4, 2) and torch.equal(h3[0, 0], torch.tensor([2.0, 3.0]))
+
+
+class SpyModel(NextCharacterModel):
+    """Records the state each call receives and returns."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.calls: list[tuple] = []
+
+    def forward(self, chars, state=None):
+        out, new = super().forward(chars, state)
+        self.calls.append((state, new, torch.is_grad_enabled()))
+        return out, new
+
+
+@pytest.mark.parametrize("batching", ["streams", "book"])
+def test_state_is_carried_within_an_epoch_and_reset_between(make_cfg, tmp_path: Path, batching: str) -> None:
+    from dlfs_cli.tracking import ProgressDisplay, RunFolder
+    from dlfs_cli.trainer import Trainer
+
+    text = tmp_path / "t.txt"
+    text.write_text(ALPHABET * 40)
+    cfg = make_cfg(
+        "model=lstm_charmodel",
+        f"data.path={text}",
+        f"data.batching={batching}",
+        "data.sequence_length=5",
+        "trainer.batch_size=4",
+    )
+    data = build_data(cfg.data, 4, 0)
+    model = SpyModel(len(data.info.vocab), 8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = RunFolder(tmp_path / "run")
+    run.start(cfg, {}, ["loss", "bpc", "accuracy"])
+    trainer = Trainer(model, optimizer, None, "cross_entropy", torch.device("cpu"), run, {}, limit_batches=3)
+    for _ in range(2):  # two epochs
+        trainer._train_epoch(data.train, ProgressDisplay(2, 3), 1, 0.1)
+    first, second = model.calls[:3], model.calls[3:6]
+    for epoch in (first, second):
+        assert epoch[0][0] is None  # each epoch starts from zeros
+        for (_, out, _), (given, _, _) in zip(epoch, epoch[1:], strict=False):
+            expected = out[0] if batching == "streams" else out[0].mean(1, keepdim=True).expand_as(out[0])
+            assert torch.equal(given[0], expected.detach()) and not given[0].requires_grad
+    training_state = trainer.carried.state
+    model.calls.clear()
+    evaluate(model, data.test, "cross_entropy", torch.device("cpu"))
+    assert model.calls[0][0] is None and not any(grad for _, _, grad in model.calls)  # own state, no gradients
+    assert trainer.carried.state is training_state  # evaluation left the training state alone
+    run.close()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "is empty"),
+        (b"\xff\xfe\x00bad", "is not UTF-8"),
+        (b"too short", "shorter than one window"),
+    ],
+)
+def test_text_file_errors_name_the_file(make_cfg, tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "my.txt"
+    path.write_bytes(content)
+    with pytest.raises(DlfsError, match=rf"my\.txt.*{message}|{message}.*my\.txt|my\.txt is"):
+        build_data(make_cfg("model=lstm_charmodel", f"data.path={path}").data, 32, 0)
+    with pytest.raises(DlfsError, match="no such file"):
+        read_text(tmp_path / "missing.txt")
+
+
+def test_bundled_corpora_and_the_books_split(make_cfg) -> None:
+    data = build_data(make_cfg("model=lstm_charmodel").data, 32, 0)
+    assert len(data.info.vocab) == 62 and data.info.n_train + data.info.n_test == 99_993
+    assert data.info.n_train == int(99_993 * 0.8)
+
+
+def test_generation_is_deterministic_for_a_seed() -> None:
+    torch.manual_seed(0)
+    model = NextCharacterModel(len(ALPHABET), 16)
+    a = sample(model, ALPHABET, "abc", 40, 1.0, seed=3, device=torch.device("cpu"))
+    assert a == sample(model, ALPHABET, "abc", 40, 1.0, seed=3, device=torch.device("cpu"))
+    assert a != sample(model, ALPHABET, "abc", 40, 1.0, seed=4, device=torch.device("cpu"))
+    assert len(a) == 43 and a.startswith("abc")
+    greedy = sample(model, ALPHABET, "abc", 20, 0.0, seed=1, device=torch.device("cpu"))
+    assert greedy == sample(model, ALPHABET, "abc", 20, 0.0, seed=2, device=torch.device("cpu"))
+    with pytest.raises(DlfsError, match="outside the run's vocabulary: 'XY'"):
+        sample(model, ALPHABET, "aXY", 5, 1.0, 0, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("batching", ["streams", "book"])
+def test_smoke_run_then_generate(make_cfg, tmp_path: Path, batching: str) -> None:
+    text = tmp_path / "t.txt"
+    text.write_text("To be, or not to be, that is the question.\n" * 30)
+    run = tmp_path / "run"
+    cfg = make_cfg(
+        "model=lstm_charmodel",
+        f"data.path={text}",
+        f"data.batching={batching}",
+        "model.hidden_size=16",
+        "trainer.epochs=2",
+        "trainer.batch_size=8",
+        "device=cpu",
+    )
+    metrics = train(cfg, run)
+    assert set(metrics) == {"test_loss", "test_bpc", "test_accuracy"}
+    assert metrics["test_bpc"] == pytest.approx(metrics["test_loss"] / 0.6931471805599453)
+    assert len((run / "samples.txt").read_text()) > 300
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["vocab"] == vocabulary(text.read_text())
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    if batching == "streams":  # the CLI, in a fresh process: the same text twice for a seed
+        outs = [run_dlfs("generate", f"run={run}", "length=300", "seed=3", cwd=tmp_path) for _ in range(2)]
+        assert all(o.returncode == 0 for o in outs), outs[0].stderr
+        assert outs[0].stdout == outs[1].stdout and len(outs[0].stdout) >= 300
+
+
+def test_generate_errors_are_one_line(tmp_path: Path) -> None:
+    for args, message in (
+        (["run=nowhere"], "run=nowhere: no such folder"),
+        ([], "dlfs generate needs a run folder"),
+        (["run=x", "temperature=-1"], "invalid value for temperature"),
+    ):
+        out = run_dlfs("generate", *args, cwd=tmp_path)
+        assert out.returncode != 0 and "Traceback" not in out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1 and message in out.stderr, out.stderr
