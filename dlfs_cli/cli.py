@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from dlfs_cli import __version__
-from dlfs_cli.config import DEVICE_PATTERN, DlfsError, conf_dir, register_configs, validate
+from dlfs_cli.config import DlfsError, check_device, conf_dir, register_configs, validate
 
 register_configs()
 CONF_DIR = str(conf_dir())
@@ -64,11 +64,11 @@ def _drop_if_only_hydra_files(run_dir: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 def _eval_app(cfg: DictConfig) -> None:
-    if OmegaConf.is_missing(cfg, "run"):
-        raise UserError("dlfs eval needs a run folder: dlfs eval run=outputs/<model>/<timestamp>")
-    if cfg.device is not None and DEVICE_PATTERN.fullmatch(cfg.device) is None:
-        raise UserError(f"invalid value for device: {cfg.device!r} (choose from: auto, cpu, cuda, cuda:N, mps)")
     try:
+        if OmegaConf.is_missing(cfg, "run"):
+            raise DlfsError("dlfs eval needs a run folder: dlfs eval run=outputs/<model>/<timestamp>")
+        if cfg.device is not None:
+            check_device(cfg.device)
         from dlfs_cli.evaluate import run_eval
 
         run_eval(cfg.run, cfg.checkpoint.value, cfg.device)
@@ -81,15 +81,14 @@ def _eval_app(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")
 def _generate_app(cfg: DictConfig) -> None:
-    if OmegaConf.is_missing(cfg, "run"):
-        raise UserError("dlfs generate needs a run folder: dlfs generate run=outputs/lstm_charmodel/<timestamp>")
-    if cfg.length < 0:
-        raise UserError(f"invalid value for length: {cfg.length} (must be >= 0)")
-    if cfg.temperature < 0:
-        raise UserError(f"invalid value for temperature: {cfg.temperature} (must be >= 0; near 0 is greedy)")
-    if DEVICE_PATTERN.fullmatch(cfg.device) is None:
-        raise UserError(f"invalid value for device: {cfg.device!r} (choose from: auto, cpu, cuda, cuda:N, mps)")
     try:
+        if OmegaConf.is_missing(cfg, "run"):
+            raise DlfsError("dlfs generate needs a run folder: dlfs generate run=outputs/lstm_charmodel/<timestamp>")
+        if cfg.length < 0:
+            raise DlfsError(f"invalid value for length: {cfg.length} (must be >= 0)")
+        if cfg.temperature < 0:
+            raise DlfsError(f"invalid value for temperature: {cfg.temperature} (must be >= 0; near 0 is greedy)")
+        check_device(cfg.device)
         from dlfs_cli.generate import load_char_model, sample
         from dlfs_cli.train import resolve_device
 

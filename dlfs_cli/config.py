@@ -328,6 +328,10 @@ def _check(ok: bool, key: str, value: Any, rule: str) -> None:
         raise DlfsError(f"invalid value for {key}: {value!r} ({rule})")
 
 
+def check_device(device: str) -> None:
+    _check(DEVICE_PATTERN.fullmatch(device) is not None, "device", device, "choose from: auto, cpu, cuda, cuda:N, mps")
+
+
 def reject_unknown_keys(node: Any, prefix: str = "") -> None:
     """Keys added with `+key=value` that no schema declares would be silently ignored: refuse them."""
     if not isinstance(node, DictConfig):

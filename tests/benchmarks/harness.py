@@ -49,7 +49,7 @@ def report(
     for name, rows in results.items():
         med = {c: statistics.median(x[c] for x in rows) for c in columns}
         ratio = med[ratio_of] / base
-        cells = " | ".join(f"{med[c]:.4g}" for c in columns)
+        cells = " | ".join(f"{med[c]:,.0f}" if med[c] >= 1000 else f"{med[c]:.4g}" for c in columns)
         lines.append(f"| {name} | {cells} | {ratio:.2f}x{' (higher is better)' if higher_is_better else ''} |")
     text = "\n".join(lines)
     RESULTS.mkdir(exist_ok=True)
