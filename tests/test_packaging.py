@@ -24,7 +24,8 @@ def test_the_wheel_trains_from_an_empty_folder(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "dlfs_cli/conf/train.yaml" in names and "dlfs_cli/conf/model/boston.yaml" in names
     assert "dlfs_cli/data/boston_house_prices.csv" in names
-    assert {"dlfs_cli/data/corpora/dlfs_book_input.txt.gz", "dlfs_cli/data/corpora/tinyshakespeare.txt.gz"} <= set(names)
+    corpora = {"dlfs_book_input.txt.gz", "tinyshakespeare.txt.gz"}
+    assert {f"dlfs_cli/data/corpora/{name}" for name in corpora} <= set(names)
 
     site = tmp_path / "site"  # a wheel is a zip: unpacked, it is the installed package
     zipfile.ZipFile(wheel).extractall(site)
