@@ -57,6 +57,11 @@ def _drop_if_only_hydra_files(run_dir: Path) -> None:
     """A run refused before it began leaves no folder behind (Hydra made one with .hydra/ in it)."""
     if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra"}:
         shutil.rmtree(run_dir)
+        cwd = Path.cwd().resolve()
+        for parent in run_dir.resolve().parents:  # and the empty folders made for it, below here
+            if parent == cwd or not parent.is_relative_to(cwd) or any(parent.iterdir()):
+                break
+            parent.rmdir()
 
 
 # --- eval ------------------------------------------------------------------------------------

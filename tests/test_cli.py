@@ -80,7 +80,7 @@ def test_bad_input_is_one_line_non_zero_and_leaves_no_run(tmp_path: Path, overri
     assert "Traceback" not in out.stderr + out.stdout
     assert out.stderr.strip().splitlines() == [f"dlfs: error: {out.stderr.strip().removeprefix('dlfs: error: ')}"]
     assert message in out.stderr
-    assert not list(tmp_path.glob("outputs/*/*")), "a refused run left a folder"
+    assert not (tmp_path / "outputs").exists(), "a refused run left a folder"
 
 
 def test_device_cuda_without_cuda_is_refused(tmp_path: Path) -> None:
