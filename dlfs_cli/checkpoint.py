@@ -1,33 +1,66 @@
-"""Checkpoints: plain dicts of tensors and primitives, loadable with torch.load(weights_only=True)."""
+"""Checkpoints: plain dicts of tensors and primitives, written atomically, read with weights_only=True.
+
+A checkpoint holds everything needed to continue a run exactly where it stopped, mid-epoch
+included: the model, optimizer and scheduler states, the position (epoch, batch, step), every random
+number generator that matters (torch, CUDA, numpy, Python, and the data order's), the carried LSTM
+state, the running loss sums, the config and a hash of the parts that define the model and data.
+"""
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import os
+import pickle
+import random
+import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dlfs_cli.config import DlfsError
 
 CHECKPOINT_DIR = "checkpoints"  # inside a run folder
-
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+DEFINING = ("model", "data", "loss")  # the config sections that define what the weights mean
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically: a temporary file in the same folder, fsynced, then renamed over `path`,
-    so the previous checkpoint survives a crash in the middle of the write."""
+    """Write atomically: a temporary file in the same folder, flushed and fsynced, then renamed over
+    `path`. A failure (a full disk, say) leaves the previous checkpoint as it was."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"format_version": FORMAT_VERSION, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format_version": FORMAT_VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as ex:
+        tmp.unlink(missing_ok=True)
+        reason = "the disk is full" if ex.errno == errno.ENOSPC else (ex.strerror or str(ex))
+        raise DlfsError(f"could not write checkpoint {path}: {reason}; the previous one is kept") from None
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """Only tensors and plain data: a checkpoint that asks to run code is refused, and none runs."""
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files: the error says it
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as ex:
+        lines = [line.strip() for line in str(ex).splitlines() if line.strip()]
+        culprit = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), "unsupported content")
+        raise DlfsError(
+            f"{path} was refused: not a plain-data checkpoint, loading it would run code ({culprit[:160]})"
+        ) from None
+    except Exception as ex:  # noqa: BLE001 - a damaged or foreign file, whatever torch says about it
+        raise DlfsError(f"{path}: cannot be read as a checkpoint ({type(ex).__name__}: {ex})") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise DlfsError(f"{path} is not a dlfs checkpoint (no model weights and config in it)")
+    return state
 
 
 def load_run_checkpoint(run_dir: Path, checkpoint: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -41,7 +74,36 @@ def load_run_checkpoint(run_dir: Path, checkpoint: str, map_location: str | torc
             f"run={run_dir}: no {CHECKPOINT_DIR}/{checkpoint}.pt"
             + (f" (it has {', '.join(found)})" if found else " (is it a dlfs run folder that finished an epoch?)")
         )
-    try:
-        return load_checkpoint(path, map_location)
-    except Exception as ex:  # noqa: BLE001 - a damaged file, whatever torch says about it
-        raise DlfsError(f"{path}: cannot be read as a checkpoint ({type(ex).__name__}: {ex})") from None
+    return load_checkpoint(path, map_location)
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """A hash of the config sections that define the model and its data."""
+    defining = {k: config.get(k) for k in DEFINING}
+    return hashlib.sha256(json.dumps(defining, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def describe(config: dict[str, Any]) -> str:
+    return f"model={config['model']['name']} data={config['data']['name']}"
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every global random number generator's state, as tensors and plain numbers."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))

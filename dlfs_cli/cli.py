@@ -35,21 +35,35 @@ def _train_app(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         validate(cfg)  # train() checks again; here it refuses a bad value before torch's ~2 s import
+        if cfg.resume is not None:
+            return _resume(cfg, Path(cfg.resume))
         from dlfs_cli.train import train
 
         metrics = train(cfg, run_dir)
     except DlfsError as ex:
         _drop_if_only_hydra_files(run_dir)
-        raise UserError(str(ex)) from None
+        raise UserError(str(ex), getattr(ex, "exit_code", 2)) from None
     return metrics.get("test_loss")  # what Hydra's sweepers minimise
+
+
+def _resume(composed: DictConfig, run_dir: Path) -> float | None:
+    from dlfs_cli.resume import resume_config
+
+    cfg = resume_config(composed, list(HydraConfig.get().overrides.task), run_dir)
+    if cfg is None:
+        print(f"dlfs: {run_dir} is already completed; nothing to do (raise trainer.epochs to train on)")
+        return None
+    from dlfs_cli.train import train
+
+    return train(cfg, run_dir, resume=True).get("test_loss")
 
 
 class UserError(SystemExit):
     """A DlfsError leaving a Hydra task. As a SystemExit it passes through Hydra's job runner, which
     would otherwise print its own "Error executing job" report before ours."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(2)
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(code)
         self.message = message
 
 
@@ -160,10 +174,18 @@ def _did_you_mean(ex: OmegaConfBaseException) -> str:
     return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(map(str, parent.keys()))})"
 
 
+def _run_dir_for_resume(args: list[str]) -> list[str]:
+    """resume=PATH continues that folder in place: Hydra is pointed at it and writes nothing of its own."""
+    paths = [a.split("=", 1)[1] for a in args if a.startswith("resume=")]
+    if not paths or paths[0] in ("", "null"):
+        return args
+    return [*args, f"hydra.run.dir={paths[0]}", "hydra.output_subdir=null"]
+
+
 def _refuse_existing_run(args: list[str]) -> None:
     """hydra.run.dir=PATH pointing at a finished run would overwrite it: refuse before Hydra starts."""
     for arg in args:
-        if arg.startswith("hydra.run.dir="):
+        if arg.startswith("hydra.run.dir=") and not any(a.startswith("resume=") for a in args):
             target = Path(arg.split("=", 1)[1])
             if (target / "summary.json").exists():
                 _fail(f"{target} already holds a run (summary.json); choose another hydra.run.dir")
@@ -181,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     if command not in COMMANDS:
         _fail(f"unknown command '{command}'; valid commands: {', '.join(COMMANDS)}")
     if command == "train":
+        rest = _run_dir_for_resume(rest)
         _refuse_existing_run(rest)
 
     app, _ = COMMANDS[command]
@@ -190,13 +213,18 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         app()
-    except (DlfsError, UserError) as ex:
-        _fail(str(ex) if isinstance(ex, DlfsError) else ex.message)
+    except UserError as ex:
+        if ex.code == 2:
+            _fail(ex.message)
+        print(f"dlfs: {ex.message}", file=sys.stderr)  # an interruption: not an error, a stop
+        sys.exit(ex.code)
+    except DlfsError as ex:
+        _fail(str(ex))
     except (HydraException, OmegaConfBaseException) as ex:
         _fail(explain(ex))
-    except KeyboardInterrupt:
-        print("dlfs: interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as ex:
+        print("dlfs: aborted", file=sys.stderr)
+        sys.exit(getattr(ex, "exit_code", 130))
 
 
 if __name__ == "__main__":

@@ -225,6 +225,8 @@ class TrainerConfig:
     seed: int = 0
     limit_batches: int | None = None  # at most N batches per epoch and per evaluation (smoke runs)
     log_every: int = 100  # training steps between rows of training loss in metrics.csv
+    checkpoint_every: int = 500  # training steps between mid-epoch saves of last.pt (0: epoch ends only)
+    deterministic: bool = False  # PyTorch's deterministic algorithms (slower on a GPU)
 
 
 @dataclass
@@ -276,6 +278,7 @@ class TrainConfig:
     trainer: TrainerConfig = MISSING
     figures: FiguresConfig = field(default_factory=FiguresConfig)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    resume: str | None = None  # a run folder to continue from its last.pt, with its own config
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
@@ -328,6 +331,25 @@ def _check(ok: bool, key: str, value: Any, rule: str) -> None:
         raise DlfsError(f"invalid value for {key}: {value!r} ({rule})")
 
 
+def typed_config(saved: Any) -> DictConfig:
+    """A saved config (a run's config.yaml, a checkpoint's) typed and checked against the schemas again;
+    keys added to the schemas since it was saved take their defaults."""
+    plain = OmegaConf.to_container(saved) if isinstance(saved, DictConfig) else dict(saved)
+    fixed = {"loss": "loss", "trainer": "trainer"}  # groups with one schema
+    try:
+        typed = {}
+        for group, schemas in SCHEMAS.items():
+            node = plain.get(group) or {}
+            name = fixed.get(group, node.get("name"))
+            if name not in schemas:
+                raise DlfsError(f"the saved config has no known {group} (name {name!r}; known: {', '.join(schemas)})")
+            typed[group] = OmegaConf.merge(OmegaConf.structured(schemas[name]), node)
+        rest = {k: v for k, v in plain.items() if k not in SCHEMAS}
+        return OmegaConf.merge(OmegaConf.structured(TrainConfig), typed, rest)
+    except (ValueError, KeyError, AttributeError) as ex:  # OmegaConf's validation errors derive from these
+        raise DlfsError(f"the saved config does not fit this dlfs version: {str(ex).splitlines()[0]}") from None
+
+
 def check_device(device: str) -> None:
     _check(DEVICE_PATTERN.fullmatch(device) is not None, "device", device, "choose from: auto, cpu, cuda, cuda:N, mps")
 
@@ -354,6 +376,7 @@ def validate(cfg: DictConfig) -> None:
     _check(t.batch_size >= 1, "trainer.batch_size", t.batch_size, "must be >= 1")
     _check(t.eval_every >= 1, "trainer.eval_every", t.eval_every, "must be >= 1")
     _check(t.log_every >= 1, "trainer.log_every", t.log_every, "must be >= 1")
+    _check(t.checkpoint_every >= 0, "trainer.checkpoint_every", t.checkpoint_every, "must be >= 0 (0: epoch ends only)")
     if t.limit_batches is not None:
         _check(t.limit_batches >= 1, "trainer.limit_batches", t.limit_batches, "must be >= 1 or null")
 

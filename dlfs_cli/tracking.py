@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -76,14 +77,25 @@ class RunFolder:
         self._metrics_columns: list[str] | None = None
         self._log_handler: logging.Handler | None = None
 
-    def start(self, cfg: DictConfig, summary: Mapping[str, Any], metric_columns: list[str]) -> None:
+    def start(
+        self, cfg: DictConfig, summary: Mapping[str, Any], metric_columns: list[str], resume_step: int | None = None
+    ) -> None:
+        """Write the run's first files; or, resuming from the checkpoint at `resume_step`, keep them,
+        dropping any metrics.csv rows recorded after that checkpoint (they will be recorded again)."""
         self.path.mkdir(parents=True, exist_ok=True)
         self.checkpoints.mkdir(exist_ok=True)
         OmegaConf.save(cfg, self.path / CONFIG_FILE, resolve=True)
         self._metrics_columns = ["epoch", "step", "split", "lr", *metric_columns, "elapsed_s"]
-        with open(self.path / METRICS_FILE, "w", newline="") as f:
-            csv.writer(f).writerow(self._metrics_columns)
-        self._log_handler = logging.FileHandler(self.path / LOG_FILE, encoding="utf-8")
+        rows: list[list[str]] = []
+        if resume_step is not None:
+            with open(self.path / METRICS_FILE, newline="") as f:
+                rows = [r for r in csv.reader(f)][1:]
+            rows = [r for r in rows if int(r[1]) <= resume_step]
+            self.summary = json.loads((self.path / SUMMARY_FILE).read_text())
+        buffer = io.StringIO()
+        csv.writer(buffer).writerows([self._metrics_columns, *rows])
+        write_atomic(self.path / METRICS_FILE, buffer.getvalue())
+        self._log_handler = logging.FileHandler(self.path / LOG_FILE, encoding="utf-8")  # appends
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(self._log_handler)
         log.setLevel(logging.INFO)

@@ -5,8 +5,13 @@ A plain function: the `dlfs train` Hydra app calls it, and so do the tests.
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -14,49 +19,56 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dlfs_cli import __version__
+from dlfs_cli.checkpoint import CHECKPOINT_DIR, config_hash, describe, load_run_checkpoint
 from dlfs_cli.config import DlfsError, validate
 from dlfs_cli.data import build_data
 from dlfs_cli.models import RECONSTRUCTS, build_model
 from dlfs_cli.tracking import RunFolder, log, print_config_tree, versions
-from dlfs_cli.trainer import Diverged, Trainer, metric_names
+from dlfs_cli.trainer import Diverged, Interrupted, Trainer, metric_names
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
-    """Run one training run into `run_dir`; returns the final held-out metrics."""
+def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict[str, float]:
+    """Run one training run into `run_dir` (or continue it from its last.pt); returns the final held-out metrics."""
     validate(cfg)
     device = resolve_device(cfg.device)
+    set_deterministic(cfg.trainer.deterministic, device)
     seed_everything(cfg.trainer.seed)
     reconstruct = cfg.model.name in RECONSTRUCTS
     data = build_data(cfg.data, cfg.trainer.batch_size, cfg.trainer.seed, device, reconstruct)
     model = build_model(cfg.model, data.info).to(device)
     optimizer = build_optimizer(cfg.optimizer, model)
     scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.trainer.epochs)
+    plain_cfg = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    state = _resume_state(run_dir, plain_cfg, device) if resume else None
 
     # Everything above can refuse the config; only now does the run folder get its files.
     start = time.time()
     run = RunFolder(run_dir)
-    plain_cfg = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    run.start(
-        cfg,
-        summary={
-            "model": cfg.model.name,
-            "data": cfg.data.name,
+    fields = {
+        "model": cfg.model.name,
+        "data": cfg.data.name,
+        "epochs": cfg.trainer.epochs,
+        "seed": cfg.trainer.seed,
+        "device": str(device),
+        "deterministic": cfg.trainer.deterministic,
+        "world_size": 1,
+        "versions": versions(),
+    }
+    if state is None:
+        fields |= {
             "metrics": {},
             "epochs_completed": 0,
-            "epochs": cfg.trainer.epochs,
-            "seed": cfg.trainer.seed,
-            "device": str(device),
-            "world_size": 1,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(start)),
             "duration_s": 0.0,
             "parameters": sum(p.numel() for p in model.parameters()),
-            "versions": versions(),
-        },
-        metric_columns=metric_names(cfg.loss.name, sequence=data.info.vocab is not None),
-    )
+        }
+    metric_columns = metric_names(cfg.loss.name, sequence=data.info.vocab is not None)
+    run.start(cfg, fields, metric_columns, resume_step=None if state is None else state["step"])
+    duration_before = run.summary.get("duration_s", 0.0) if state is not None else 0.0
     print_config_tree(cfg)
     log.info(
-        "run folder %s | %s on %s | %d train / %d test rows from %s",
+        "%s %s | %s on %s | %d train / %d test rows from %s",
+        "run folder" if state is None else f"resuming at epoch {state['epoch'] + 1}, step {state['step']}:",
         run_dir,
         cfg.model.name,
         device,
@@ -72,13 +84,22 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         device,
         run,
         # saved with every checkpoint; the vocabulary travels with the weights (index i = vocab[i])
-        checkpoint_extra={"config": plain_cfg, "dlfs_version": __version__, "vocab": data.info.vocab},
+        checkpoint_extra={
+            "config": plain_cfg,
+            "config_hash": config_hash(plain_cfg),
+            "dlfs_version": __version__,
+            "vocab": data.info.vocab,
+        },
         limit_batches=cfg.trainer.limit_batches,
         log_every=cfg.trainer.log_every,
+        checkpoint_every=cfg.trainer.checkpoint_every,
     )
+    if state is not None:
+        trainer.restore(state)  # last before training: it also restores every random number generator
     status = "failed"
     try:
-        metrics = trainer.fit(data.train, data.test, cfg.trainer.epochs, cfg.trainer.eval_every)
+        with stop_on_signals(trainer):
+            metrics = trainer.fit(data.train, data.test, cfg.trainer.epochs, cfg.trainer.eval_every)
         run.update_summary(metrics=metrics)
         if cfg.figures.enabled:
             _figures(run, cfg, model, data, device)
@@ -87,22 +108,76 @@ def train(cfg: DictConfig, run_dir: Path) -> dict[str, float]:
         status = "completed"
         log.info("completed: %s", " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     except DlfsError as ex:
-        status = "diverged" if isinstance(ex, Diverged) else "failed"
+        status = {Diverged: "diverged", Interrupted: "interrupted"}.get(type(ex), "failed")
         run.update_summary(error=str(ex))
         log.error("%s", ex)
         raise
     except KeyboardInterrupt:
         status = "interrupted"
-        log.error("interrupted")
+        log.error("aborted")
         raise
     except BaseException as ex:
         run.update_summary(error=f"{type(ex).__name__}: {ex}")
         log.exception("failed")
         raise
     finally:
-        run.update_summary(status=status, duration_s=round(time.time() - start, 3))
+        run.update_summary(status=status, duration_s=round(duration_before + time.time() - start, 3))
         run.close()
     return metrics
+
+
+def _resume_state(run_dir: Path, plain_cfg: dict, device: torch.device) -> dict:
+    """The run's last.pt, checked to belong to this model and data."""
+    state = load_run_checkpoint(run_dir, "last", map_location=device)
+    if state.get("config_hash") != config_hash(plain_cfg):
+        raise DlfsError(
+            f"{run_dir / CHECKPOINT_DIR / 'last.pt'} holds {describe(state['config'])}, but the run's config is "
+            f"{describe(plain_cfg)} (or differs in the model or data settings); refusing to mix them"
+        )
+    return state
+
+
+@contextmanager
+def stop_on_signals(trainer: Trainer) -> Iterator[None]:
+    """The first SIGINT or SIGTERM asks the trainer to stop after the current step (it saves last.pt and
+    raises Interrupted); a second one aborts at once."""
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
+        yield
+        return
+
+    def handle(signum: int, frame: object) -> None:
+        if trainer.stop_signal is None:
+            trainer.stop_signal = signum
+            log.warning(
+                "%s: finishing this step, then saving last.pt (again to abort at once)", signal.Signals(signum).name
+            )
+        else:
+            raise Aborted(signum)
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+class Aborted(KeyboardInterrupt):
+    """A second signal: stop at once (exit 128 + its number)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
+def set_deterministic(on: bool, device: torch.device) -> None:
+    """PyTorch's deterministic algorithms, and what CUDA needs for them (cuBLAS workspace, no cuDNN autotune)."""
+    if on and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    if on:
+        torch.backends.cudnn.benchmark = False
 
 
 def _figures(run: RunFolder, cfg: DictConfig, model: torch.nn.Module, data, device: torch.device) -> None:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections.abc import Callable, Iterable
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from dlfs_cli.checkpoint import save_checkpoint
+from dlfs_cli.checkpoint import capture_rng, restore_rng, save_checkpoint
 from dlfs_cli.config import DlfsError
 from dlfs_cli.tracking import ProgressDisplay, RunFolder
 
@@ -112,6 +114,9 @@ def evaluate(
 
 
 class Trainer:
+    """Trains a model epoch by epoch, records metrics, and saves full-state checkpoints from which a
+    run continues exactly (see checkpoint.py); `restore` puts such a state back."""
+
     def __init__(
         self,
         model: nn.Module,
@@ -123,6 +128,7 @@ class Trainer:
         checkpoint_extra: dict[str, Any],
         limit_batches: int | None = None,
         log_every: int = 100,
+        checkpoint_every: int = 0,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -131,81 +137,123 @@ class Trainer:
         self.loss_fn = make_loss(loss_name)
         self.device = device
         self.run = run
-        self.checkpoint_extra = checkpoint_extra  # config, versions: saved with every checkpoint
+        self.checkpoint_extra = checkpoint_extra  # config, its hash, vocabulary: saved with every checkpoint
         self.limit_batches = limit_batches
         self.log_every = log_every
-        self._start = time.monotonic()  # reset by fit(); elapsed_s in metrics.csv counts from there
+        self.checkpoint_every = checkpoint_every
+        # Where the run stands: what a checkpoint saves and `restore` puts back.
+        self.epoch = 0  # epochs completed
+        self.batch = 0  # batches done in the epoch under way (0 between epochs)
         self.step = 0
         self.best_loss = math.inf
+        self.final: dict[str, float] = {}  # the latest held-out metrics
+        self.data_rng: Tensor | None = None  # the data order's generator at the start of the epoch under way
         self.carried: CarriedState | None = None
+        self.sums = self._zero_sums()
+        self.elapsed_before = 0.0  # seconds trained before a resume
+        self.stop_signal: int | None = None  # set by a signal handler: stop after the current step
+        self._start = time.monotonic()
+        # Divergence, tracked on the device: the first step whose loss was not finite (-1: none yet).
+        self._device_step = torch.zeros((), dtype=torch.int64, device=device)
+        self._first_bad = torch.full((), -1, dtype=torch.int64, device=device)
 
     def fit(self, train_loader: Iterable, test_loader: Iterable, epochs: int, eval_every: int) -> dict[str, float]:
-        """Train for `epochs`, evaluating every `eval_every` epochs and after the last; returns final test metrics."""
-        self._start = time.monotonic()
-        batches = len(train_loader) if self.limit_batches is None else min(len(train_loader), self.limit_batches)
+        """Train up to `epochs`, evaluating every `eval_every` epochs and after the last; returns final test metrics."""
+        self._start = time.monotonic() - self.elapsed_before
+        lr = self.optimizer.param_groups[0]["lr"]
         if epochs == 0:  # nothing to train: measure the initial model so the run still has its numbers
-            final = self._evaluate_and_record(test_loader, 0, self.optimizer.param_groups[0]["lr"])
-            self._save("last.pt", 0, final)
-            return final
-        final: dict[str, float] = {}
+            self.final = self._evaluate_and_record(test_loader, 0, lr)
+            self._save("last.pt")
+            return self.final
+        batches = len(train_loader) if self.limit_batches is None else min(len(train_loader), self.limit_batches)
+        generator = getattr(train_loader, "generator", None)  # the data order's, if the loader shuffles
         with ProgressDisplay(epochs, batches) as progress:
-            for epoch in range(1, epochs + 1):
+            for epoch in range(self.epoch + 1, epochs + 1):
                 lr = self.optimizer.param_groups[0]["lr"]  # the rate of this epoch, for metrics.csv
-                train_loss = self._train_epoch(train_loader, progress, epoch, lr)
+                train_loss = self._train_epoch(train_loader, generator, progress, epoch, lr)
                 if self.scheduler is not None:
                     self.scheduler.step()  # after the optimizer's steps (the book had them the other way round)
+                self.epoch, self.batch = epoch, 0
+                self.data_rng = generator.get_state() if generator is not None else None  # the next epoch's
                 test = None
                 if epoch % eval_every == 0 or epoch == epochs:
-                    test = final = self._evaluate_and_record(test_loader, epoch, lr)
-                self._save("last.pt", epoch, final)
+                    test = self.final = self._evaluate_and_record(test_loader, epoch, lr)
+                self._save("last.pt")
                 progress.epoch(epoch, train_loss, test)
-        return final
+        return self.final
 
-    def _train_epoch(self, loader: Iterable, progress: ProgressDisplay, epoch: int, lr: float) -> float:
-        """One pass over the training data; returns the mean loss per sample.
-
-        metrics.csv gets a `train` row every `log_every` steps and at the end of the epoch, holding the
-        mean loss over the steps since the previous row.
-        """
+    def _train_epoch(
+        self, loader: Iterable, generator: torch.Generator | None, progress: ProgressDisplay, epoch: int, lr: float
+    ) -> float:
+        """One pass over the training data (the rest of it, after a mid-epoch resume); returns the mean loss
+        per sample. metrics.csv gets a `train` row every `log_every` steps and at the end of the epoch, with
+        the mean loss over the steps since the previous row."""
         self.model.train()  # every epoch: evaluation switched it to eval mode (the book forgot this)
-        self.carried = carried_state(loader)  # a recurrent model starts each epoch from zeros
-        # Summed on the device: reading a loss with .item() every step would stall a GPU.
-        epoch_sum, window_sum = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
-        epoch_n = window_n = 0
+        if generator is not None:
+            if self.data_rng is not None:
+                generator.set_state(self.data_rng)  # after a resume: the interrupted epoch's order again
+            self.data_rng = generator.get_state()
+        skip = self.batch  # batches this epoch already trained on before a resume
+        if skip == 0:
+            self.carried = carried_state(loader)  # a recurrent model starts each epoch from zeros
+            self.sums = self._zero_sums()
+        sums = self.sums  # summed on the device: reading a loss with .item() every step would stall a GPU
+        check_every_step = self.device.type == "cpu"  # a host sync costs nothing there
         for i, (x, y) in enumerate(islice(loader, self.limit_batches), start=1):
+            if i <= skip:
+                continue  # replaying the epoch's order up to where the checkpoint was taken
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
             loss = self.loss_fn(model_output(self.model, x, self.carried), y)
             loss.backward()
             self.optimizer.step()
-            self.step += 1
+            self.step, self.batch = self.step + 1, i
+            self._track_divergence(loss.detach())
             weighted = loss.detach() * len(x)
-            epoch_sum += weighted
-            window_sum += weighted
-            epoch_n += len(x)
-            window_n += len(x)
+            sums["epoch"] += weighted
+            sums["window"] += weighted
+            sums["epoch_n"] += len(x)
+            sums["window_n"] += len(x)
+            if check_every_step:
+                self._stop_if_diverged(epoch, lr)
             if self.step % self.log_every == 0:
-                self._record_train(epoch, lr, window_sum, window_n)
-                window_sum, window_n = torch.zeros((), device=self.device), 0
+                self._record_train(epoch, lr)
+            if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                self._stop_if_diverged(epoch, lr)  # never save weights that went NaN
+                self._save("last.pt")
+            if self.stop_signal is not None:
+                self._stop_if_diverged(epoch, lr)
+                self._save("last.pt")
+                raise Interrupted(self.stop_signal, epoch, i, self.step, self.run.path)
             if progress.due():
-                progress.batch(i, (epoch_sum / epoch_n).item())
-        if window_n:
-            self._record_train(epoch, lr, window_sum, window_n)
-        return (epoch_sum / max(epoch_n, 1)).item()
+                progress.batch(i, (sums["epoch"] / sums["epoch_n"]).item())
+        self._stop_if_diverged(epoch, lr)
+        if sums["window_n"]:
+            self._record_train(epoch, lr)
+        return (sums["epoch"] / max(sums["epoch_n"], 1)).item()
 
-    def _record_train(self, epoch: int, lr: float, loss_sum: Tensor, n: int) -> None:
-        loss = (loss_sum / n).item()  # the one host sync per log interval
-        if not math.isfinite(loss):
-            raise Diverged(epoch, self.step, loss, lr)
+    def _zero_sums(self) -> dict[str, Any]:
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        return {"epoch": zero.clone(), "epoch_n": 0, "window": zero.clone(), "window_n": 0}
+
+    def _track_divergence(self, loss: Tensor) -> None:
+        """Device-side bookkeeping, no host sync: remember the first step whose loss was NaN or infinite."""
+        self._device_step += 1
+        first = (~torch.isfinite(loss)) & (self._first_bad < 0)
+        self._first_bad = torch.where(first, self._device_step, self._first_bad)
+
+    def _stop_if_diverged(self, epoch: int, lr: float) -> None:
+        bad = int(self._first_bad)  # the host sync: every step on a CPU, at log and save points elsewhere
+        if bad >= 0:
+            raise Diverged(epoch, bad, lr)
+
+    def _record_train(self, epoch: int, lr: float) -> None:
+        sums = self.sums
+        loss = (sums["window"] / sums["window_n"]).item()  # the one host sync per log interval
+        sums["window"], sums["window_n"] = torch.zeros_like(sums["window"]), 0
+        elapsed = time.monotonic() - self._start
         self.run.log_metrics(
-            {
-                "epoch": epoch,
-                "step": self.step,
-                "split": "train",
-                "lr": lr,
-                "loss": loss,
-                "elapsed_s": time.monotonic() - self._start,
-            }
+            {"epoch": epoch, "step": self.step, "split": "train", "lr": lr, "loss": loss, "elapsed_s": elapsed}
         )
 
     def evaluate(self, loader: Iterable) -> dict[str, float]:
@@ -220,28 +268,71 @@ class Trainer:
         )
         if metrics["test_loss"] < self.best_loss:
             self.best_loss = metrics["test_loss"]
-            self._save("best.pt", epoch, metrics)
+            self.final = metrics
+            self._save("best.pt")
         return metrics
 
-    def _save(self, name: str, epoch: int, metrics: dict[str, float]) -> None:
+    def _save(self, name: str) -> None:
+        carried = self.carried.state if self.carried is not None else None
         save_checkpoint(
             self.run.checkpoints / name,
             {
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                "epoch": epoch,
+                "epoch": self.epoch,
+                "batch_in_epoch": self.batch,
                 "step": self.step,
-                "metrics": metrics,
+                "metrics": self.final,
+                "best_loss": self.best_loss,
+                "rng": capture_rng(),
+                "data_rng": self.data_rng,
+                "carried": None if carried is None else {"mode": self.carried.mode, "h": carried[0], "c": carried[1]},
+                "sums": self.sums,
+                "elapsed_s": time.monotonic() - self._start,
                 **self.checkpoint_extra,
             },
         )
-        self.run.update_summary(epochs_completed=epoch)
+        self.run.update_summary(epochs_completed=self.epoch, step=self.step)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint: weights, optimizer, schedule, position, running sums, every RNG."""
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as ex:
+            raise DlfsError(f"the checkpoint's weights do not fit this model: {str(ex).splitlines()[1:2]}") from None
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.batch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
+        self.final, self.best_loss = state["metrics"], state["best_loss"]
+        self.data_rng = state["data_rng"]
+        carried = state["carried"]
+        if carried is not None:
+            self.carried = CarriedState(carried["mode"])
+            self.carried.state = (carried["h"].to(self.device), carried["c"].to(self.device))
+        sums = state["sums"]
+        self.sums = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in sums.items()}
+        self.elapsed_before = state["elapsed_s"]
+        self._device_step.fill_(self.step)
+        restore_rng(state["rng"])  # last: nothing may draw a random number between here and the next step
 
 
 class Diverged(DlfsError):
-    def __init__(self, epoch: int, step: int, loss: float, lr: float) -> None:
+    def __init__(self, epoch: int, step: int, lr: float) -> None:
         super().__init__(
-            f"training diverged: the loss became {loss} in epoch {epoch} (by step {step}); "
-            f"try a lower optimizer.lr (it was {lr:g})"
+            f"training diverged: the loss became NaN or infinite at step {step} (epoch {epoch}); "
+            f"try a lower optimizer.lr (it was {lr:g}); the last good checkpoint is kept"
+        )
+
+
+class Interrupted(DlfsError):
+    """Stopped by a signal after finishing a step and saving last.pt; exits 128 + the signal's number."""
+
+    def __init__(self, signum: int, epoch: int, batch: int, step: int, run_dir: Path) -> None:
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"interrupted by {name} in epoch {epoch} after batch {batch} (step {step}); last.pt saved. "
+            f"Resume with: dlfs train resume={run_dir}"
         )

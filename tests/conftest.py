@@ -69,3 +69,15 @@ def mnist_root(tmp_path: Path) -> Path:
     write_idx(root / "MNIST" / "raw", "train", pixels[:240].numpy(), labels[:240].numpy())
     write_idx(root / "MNIST" / "raw", "t10k", pixels[240:300].numpy(), labels[240:300].numpy())
     return root
+
+
+# The acceptance run of exact resume (tests/test_resume.py, tests/test_slow_resume.py).
+DIGITS_CNN = ["model=mnist_cnn", "data=digits", "trainer.epochs=8", "trainer.seed=11", "figures.enabled=false"]
+
+
+@pytest.fixture(scope="session")
+def straight_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The acceptance run, uninterrupted: dlfs train model=mnist_cnn data=digits trainer.epochs=8 trainer.seed=11."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    assert run_dlfs("train", *DIGITS_CNN, f"hydra.run.dir={run}", cwd=run.parent).returncode == 0
+    return run

@@ -18,7 +18,7 @@ COMPLETE = {("scheduler", "exponential"): ["scheduler.gamma=0.9"]}
 
 def test_groups_mirror_the_schemas() -> None:
     assert set(GROUPS) == set(SCHEMAS) | {"experiment"}
-    assert {f.name for f in dataclasses.fields(TrainConfig)} == set(SCHEMAS) | {"device", "figures"}
+    assert {f.name for f in dataclasses.fields(TrainConfig)} == set(SCHEMAS) | {"device", "figures", "resume"}
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])

@@ -110,7 +110,8 @@ def test_state_is_carried_within_an_epoch_and_reset_between(make_cfg, tmp_path: 
     run.start(cfg, {}, ["loss", "bpc", "accuracy"])
     trainer = Trainer(model, optimizer, None, "cross_entropy", torch.device("cpu"), run, {}, limit_batches=3)
     for _ in range(2):  # two epochs
-        trainer._train_epoch(data.train, ProgressDisplay(2, 3), 1, 0.1)
+        trainer._train_epoch(data.train, None, ProgressDisplay(2, 3), 1, 0.1)
+        trainer.batch = 0  # as fit() does at the end of an epoch
     first, second = model.calls[:3], model.calls[3:6]
     for epoch in (first, second):
         assert epoch[0][0] is None  # each epoch starts from zeros
