@@ -152,7 +152,11 @@ def interrupt_and_compare(
         assert summary(broken)["status"] == "running"  # nobody could write anything more
     else:
         assert "Resume with: dlfs train resume=" in err and summary(broken)["status"] == "interrupted"
-    torch.load(broken / "checkpoints" / "last.pt", weights_only=True)  # the last complete checkpoint loads
+    last = torch.load(broken / "checkpoints" / "last.pt", weights_only=True)  # the last complete checkpoint loads
+    print(
+        f"signal {sig} after {delay:.2f} s: last.pt at epoch {last['epoch']} + batch {last['batch_in_epoch']}, "
+        f"step {last['step']}"
+    )
     resumed = run_dlfs("train", f"resume={broken}", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(straight, broken)
