@@ -15,6 +15,7 @@ import os
 import pickle
 import random
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,8 @@ import numpy as np
 import torch
 
 from dlfs_cli.config import DlfsError
+from dlfs_cli.tracking import CHECKPOINT_DIR
 
-CHECKPOINT_DIR = "checkpoints"  # inside a run folder
 FORMAT_VERSION = 2
 DEFINING = ("model", "data", "loss")  # the config sections that define what the weights mean
 
@@ -42,6 +43,9 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         tmp.unlink(missing_ok=True)
         reason = "the disk is full" if ex.errno == errno.ENOSPC else (ex.strerror or str(ex))
         raise DlfsError(f"could not write checkpoint {path}: {reason}; the previous one is kept") from None
+    except BaseException:  # an abort, a torch error: never leave a half-written temporary file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -75,6 +79,26 @@ def load_run_checkpoint(run_dir: Path, checkpoint: str, map_location: str | torc
             + (f" (it has {', '.join(found)})" if found else " (is it a dlfs run folder that finished an epoch?)")
         )
     return load_checkpoint(path, map_location)
+
+
+def load_run_model(
+    run_dir: Path, checkpoint: str, device: torch.device, info_for: Callable[[Any, dict], Any]
+) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """(the model with the checkpoint's weights, on `device`; the run's typed config; the checkpoint).
+
+    `info_for(cfg, checkpoint)` gives the DataInfo that sizes the model."""
+    from dlfs_cli.config import typed_config
+    from dlfs_cli.models import build_model
+
+    state = load_run_checkpoint(run_dir, checkpoint)
+    cfg = typed_config(state["config"])
+    model = build_model(cfg.model, info_for(cfg, state))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as ex:
+        detail = next((line.strip() for line in str(ex).splitlines()[1:] if line.strip()), str(ex))
+        raise DlfsError(f"{run_dir}/{CHECKPOINT_DIR}/{checkpoint}.pt does not fit its model: {detail}") from None
+    return model.to(device), cfg, state
 
 
 def config_hash(config: dict[str, Any]) -> str:

@@ -17,6 +17,7 @@ from typing import NoReturn
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
@@ -42,7 +43,10 @@ def _train_app(cfg: DictConfig) -> float | None:
         metrics = train(cfg, run_dir)
     except DlfsError as ex:
         _drop_if_only_hydra_files(run_dir)
-        raise UserError(str(ex), getattr(ex, "exit_code", 2)) from None
+        code = getattr(ex, "exit_code", 2)
+        if HydraConfig.get().mode == RunMode.MULTIRUN and code == 2:
+            raise  # Hydra marks the job failed and runs the others; the sweep then fails with this message
+        raise UserError(str(ex), code) from None
     return metrics.get("test_loss")  # what Hydra's sweepers minimise
 
 
@@ -218,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
             _fail(ex.message)
         print(f"dlfs: {ex.message}", file=sys.stderr)  # an interruption: not an error, a stop
         sys.exit(ex.code)
-    except DlfsError as ex:
+    except DlfsError as ex:  # a failed job of a sweep, once Hydra has run them all
         _fail(str(ex))
     except (HydraException, OmegaConfBaseException) as ex:
         _fail(explain(ex))

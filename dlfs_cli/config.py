@@ -413,12 +413,7 @@ def validate(cfg: DictConfig) -> None:
         _check(s.t_max >= 1, "scheduler.t_max", s.t_max, "must be >= 1 or null")
 
     _check(cfg.loss.name in LOSSES, "loss.name", cfg.loss.name, f"choose from: {', '.join(LOSSES)}")
-    _check(
-        DEVICE_PATTERN.fullmatch(cfg.device) is not None,
-        "device",
-        cfg.device,
-        "choose from: auto, cpu, cuda, cuda:N, mps",
-    )
+    check_device(cfg.device)
 
     m = cfg.model
     for key in ("hidden_size", "hidden_dim"):

@@ -6,26 +6,35 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
-from dlfs_cli.checkpoint import load_run_checkpoint
+from dlfs_cli.checkpoint import load_run_model
 from dlfs_cli.data import build_data
-from dlfs_cli.models import RECONSTRUCTS, build_model
+from dlfs_cli.models import RECONSTRUCTS
 from dlfs_cli.train import resolve_device
 from dlfs_cli.trainer import evaluate
 
 
 def evaluate_run(run_dir: Path, checkpoint: str = "last", device: str | None = None) -> dict[str, Any]:
-    """{"recomputed": metrics now, "recorded": metrics saved with that checkpoint, "epoch": its epoch}."""
-    state = load_run_checkpoint(run_dir, checkpoint)
-    cfg = OmegaConf.create(state["config"])
-    # The device the run was configured with (usually auto) unless the user names one.
-    target = resolve_device(device or cfg.device)
-    data = build_data(cfg.data, cfg.trainer.batch_size, cfg.trainer.seed, target, cfg.model.name in RECONSTRUCTS)
-    model = build_model(cfg.model, data.info).to(target)
-    model.load_state_dict(state["model"])
-    metrics = evaluate(model, data.test, cfg.loss.name, target, cfg.trainer.limit_batches)
-    return {"recomputed": metrics, "recorded": state.get("metrics", {}), "epoch": state.get("epoch")}
+    """{"recomputed": metrics now, "recorded": metrics saved with that checkpoint, "epoch", "batch_in_epoch"}."""
+    data = {}
+
+    def info_for(cfg, state):  # the run's own data, rebuilt: it sizes the model and is what gets evaluated
+        target = resolve_device(device or cfg.device)  # the run's device setting unless one is named
+        data["bundle"], data["device"] = (
+            build_data(cfg.data, cfg.trainer.batch_size, cfg.trainer.seed, target, cfg.model.name in RECONSTRUCTS),
+            target,
+        )
+        return data["bundle"].info
+
+    model, cfg, state = load_run_model(run_dir, checkpoint, torch.device("cpu"), info_for)
+    model = model.to(data["device"])
+    metrics = evaluate(model, data["bundle"].test, cfg.loss.name, data["device"], cfg.trainer.limit_batches)
+    return {
+        "recomputed": metrics,
+        "recorded": state.get("metrics", {}),
+        "epoch": state.get("epoch"),
+        "batch_in_epoch": state.get("batch_in_epoch", 0),
+    }
 
 
 def print_comparison(run_dir: Path, checkpoint: str, result: dict[str, Any]) -> bool:
@@ -52,5 +61,11 @@ def run_eval(run: str, checkpoint: str, device: str | None) -> dict[str, float]:
     with torch.random.fork_rng(devices=[]):  # evaluation draws no random numbers, but never disturbs any
         result = evaluate_run(run_dir, checkpoint, device)
     if not print_comparison(run_dir, checkpoint, result):
-        print("note: the recomputed metrics differ from the recorded ones (another device or library version?)")
+        if result["batch_in_epoch"]:
+            print(
+                f"note: {checkpoint}.pt was saved in the middle of epoch {result['epoch'] + 1} (after batch "
+                f"{result['batch_in_epoch']}), later than the recorded evaluation; try checkpoint=best"
+            )
+        else:
+            print("note: the recomputed metrics differ from the recorded ones (another device or library version?)")
     return result["recomputed"]

@@ -5,12 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
-from dlfs_cli.checkpoint import load_run_checkpoint
+from dlfs_cli.checkpoint import load_run_model
 from dlfs_cli.config import DlfsError
 from dlfs_cli.data import DataInfo
-from dlfs_cli.models import build_model
 
 GREEDY_BELOW = 1e-3  # a temperature this small means: always the likeliest character
 
@@ -50,12 +48,11 @@ def sample(
 
 def load_char_model(run_dir: Path, checkpoint: str, device: torch.device) -> tuple[torch.nn.Module, str]:
     """The trained NextCharacterModel of a run folder and its vocabulary."""
-    state = load_run_checkpoint(run_dir, checkpoint, map_location=device)
-    cfg = OmegaConf.create(state["config"])
-    if cfg.model.name != "lstm_charmodel" or not state.get("vocab"):
-        raise DlfsError(f"run={run_dir} trained model={cfg.model.name}; dlfs generate needs an lstm_charmodel run")
-    vocab = state["vocab"]
-    info = DataInfo(name="text", source=str(run_dir), n_train=0, n_test=0, vocab=vocab)
-    model = build_model(cfg.model, info).to(device)
-    model.load_state_dict(state["model"])
-    return model, vocab
+
+    def info_for(cfg, state) -> DataInfo:
+        if cfg.model.name != "lstm_charmodel" or not state.get("vocab"):
+            raise DlfsError(f"run={run_dir} trained model={cfg.model.name}; dlfs generate needs an lstm_charmodel run")
+        return DataInfo(name="text", source=str(run_dir), n_train=0, n_test=0, vocab=state["vocab"])
+
+    model, _, state = load_run_model(run_dir, checkpoint, device, info_for)
+    return model, state["vocab"]

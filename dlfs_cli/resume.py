@@ -39,9 +39,9 @@ def resume_config(composed: DictConfig, overrides: list[str], run_dir: Path) -> 
         if key == "resume" or key.startswith("hydra."):
             continue
         if not any(key == a or (a.endswith(".") and key.startswith(a)) for a in ALLOWED):
+            allowed = ", ".join(a + "*" if a.endswith(".") else a for a in ALLOWED)
             raise DlfsError(
-                f"resume cannot change {key}: it would make a different run (allowed: raising trainer.epochs, "
-                "trainer.eval_every, trainer.log_every, trainer.checkpoint_every, device, figures.*); "
+                f"resume cannot change {key}: it would make a different run (allowed: {allowed}); "
                 "start a new run instead"
             )
         OmegaConf.update(cfg, key, OmegaConf.select(composed, key), merge=False)
@@ -49,6 +49,14 @@ def resume_config(composed: DictConfig, overrides: list[str], run_dir: Path) -> 
     done = summary.get("epochs_completed", 0)
     if cfg.trainer.epochs < done:
         raise DlfsError(f"resume: trainer.epochs={cfg.trainer.epochs} is below the {done} epochs already trained")
+    saved_epochs = OmegaConf.load(config_file).trainer.epochs
+    s = cfg.scheduler
+    fitted = (s.name == "exponential" and s.final_lr is not None) or (s.name == "cosine" and s.t_max is None)
+    if fitted and cfg.trainer.epochs != saved_epochs:
+        raise DlfsError(
+            f"resume cannot change trainer.epochs of this run: its scheduler={s.name} was fitted to "
+            f"{saved_epochs} epochs; start a new run instead"
+        )
     if summary.get("status") == "completed" and cfg.trainer.epochs == done:
         return None
     return cfg

@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.tree import Tree
 
 from dlfs_cli import __version__
-from dlfs_cli.checkpoint import CHECKPOINT_DIR
+from dlfs_cli.config import DlfsError
 
 log = logging.getLogger("dlfs")
 
@@ -30,16 +30,21 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 LOG_FILE = "train.log"
+CHECKPOINT_DIR = "checkpoints"
 
 
 def write_atomic(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so readers never see a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def versions() -> dict[str, str | None]:
@@ -88,10 +93,17 @@ class RunFolder:
         self._metrics_columns = ["epoch", "step", "split", "lr", *metric_columns, "elapsed_s"]
         rows: list[list[str]] = []
         if resume_step is not None:
-            with open(self.path / METRICS_FILE, newline="") as f:
-                rows = [r for r in csv.reader(f)][1:]
-            rows = [r for r in rows if int(r[1]) <= resume_step]
-            self.summary = json.loads((self.path / SUMMARY_FILE).read_text())
+            try:
+                with open(self.path / METRICS_FILE, newline="") as f:
+                    rows = list(csv.reader(f))[1:]
+                self.summary = json.loads((self.path / SUMMARY_FILE).read_text())
+            except (OSError, ValueError) as ex:
+                raise DlfsError(f"cannot resume {self.path}: {type(ex).__name__}: {ex}") from None
+            # the rows up to the checkpoint; a row cut short by a kill is dropped
+            width = len(self._metrics_columns)
+            rows = [r for r in rows if len(r) == width and r[1].isdigit() and int(r[1]) <= resume_step]
+            for stale in ("error", "figures_error"):
+                self.summary.pop(stale, None)
         buffer = io.StringIO()
         csv.writer(buffer).writerows([self._metrics_columns, *rows])
         write_atomic(self.path / METRICS_FILE, buffer.getvalue())
@@ -110,6 +122,11 @@ class RunFolder:
     def update_summary(self, **fields: Any) -> None:
         self.summary.update(fields)
         write_atomic(self.path / SUMMARY_FILE, json.dumps(self.summary, indent=2) + "\n")
+
+    def note(self, message: str) -> None:
+        """A line for train.log only (the console shows it elsewhere, e.g. as the command's error)."""
+        if self._log_handler is not None:
+            self._log_handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None))
 
     def close(self) -> None:
         if self._log_handler is not None:

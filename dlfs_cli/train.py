@@ -19,11 +19,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dlfs_cli import __version__
-from dlfs_cli.checkpoint import CHECKPOINT_DIR, config_hash, describe, load_run_checkpoint
+from dlfs_cli.checkpoint import FORMAT_VERSION, config_hash, describe, load_run_checkpoint
 from dlfs_cli.config import DlfsError, validate
 from dlfs_cli.data import build_data
 from dlfs_cli.models import RECONSTRUCTS, build_model
-from dlfs_cli.tracking import RunFolder, log, print_config_tree, versions
+from dlfs_cli.tracking import CHECKPOINT_DIR, RunFolder, log, print_config_tree, versions
 from dlfs_cli.trainer import Diverged, Interrupted, Trainer, metric_names
 
 
@@ -94,27 +94,28 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict[str, flo
         log_every=cfg.trainer.log_every,
         checkpoint_every=cfg.trainer.checkpoint_every,
     )
-    if state is not None:
-        trainer.restore(state)  # last before training: it also restores every random number generator
     status = "failed"
     try:
         with stop_on_signals(trainer):
+            if state is not None:
+                trainer.restore(state)  # last before training: it also restores every random number generator
             metrics = trainer.fit(data.train, data.test, cfg.trainer.epochs, cfg.trainer.eval_every)
-        run.update_summary(metrics=metrics)
-        if cfg.figures.enabled:
-            _figures(run, cfg, model, data, device)
-        if data.info.vocab is not None:
-            _sample(run, cfg, model, data.info.vocab, device)
+            run.update_summary(metrics=metrics)
+            if trainer.stop_signal is None:  # a stop asked for after the last step skips the extras
+                if cfg.figures.enabled:
+                    _figures(run, cfg, model, data, device)
+                if data.info.vocab is not None:
+                    _sample(run, cfg, model, data.info.vocab, device)
         status = "completed"
         log.info("completed: %s", " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     except DlfsError as ex:
         status = {Diverged: "diverged", Interrupted: "interrupted"}.get(type(ex), "failed")
         run.update_summary(error=str(ex))
-        log.error("%s", ex)
+        run.note(str(ex))  # the console gets it once, from the command line's error message
         raise
     except KeyboardInterrupt:
         status = "interrupted"
-        log.error("aborted")
+        run.note("aborted by a second signal")
         raise
     except BaseException as ex:
         run.update_summary(error=f"{type(ex).__name__}: {ex}")
@@ -128,7 +129,12 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict[str, flo
 
 def _resume_state(run_dir: Path, plain_cfg: dict, device: torch.device) -> dict:
     """The run's last.pt, checked to belong to this model and data."""
-    state = load_run_checkpoint(run_dir, "last", map_location=device)
+    state = load_run_checkpoint(run_dir, "last")  # on the CPU: the RNG states must stay there
+    if state.get("format_version", 1) < FORMAT_VERSION:
+        raise DlfsError(
+            f"{run_dir / CHECKPOINT_DIR / 'last.pt'} was written by an older dlfs (checkpoint format "
+            f"{state.get('format_version', 1)}) that did not save what an exact resume needs; start a new run"
+        )
     if state.get("config_hash") != config_hash(plain_cfg):
         raise DlfsError(
             f"{run_dir / CHECKPOINT_DIR / 'last.pt'} holds {describe(state['config'])}, but the run's config is "
@@ -174,7 +180,8 @@ def set_deterministic(on: bool, device: torch.device) -> None:
     """PyTorch's deterministic algorithms, and what CUDA needs for them (cuBLAS workspace, no cuDNN autotune)."""
     if on and device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
-    torch.use_deterministic_algorithms(on)
+    # warn_only: an operation with no deterministic kernel (some CUDA losses) warns instead of ending the run
+    torch.use_deterministic_algorithms(on, warn_only=True)
     torch.backends.cudnn.deterministic = on
     if on:
         torch.backends.cudnn.benchmark = False

@@ -162,7 +162,7 @@ class Trainer:
         self._start = time.monotonic() - self.elapsed_before
         lr = self.optimizer.param_groups[0]["lr"]
         if epochs == 0:  # nothing to train: measure the initial model so the run still has its numbers
-            self.final = self._evaluate_and_record(test_loader, 0, lr)
+            self._evaluate_and_record(test_loader, 0, lr)
             self._save("last.pt")
             return self.final
         batches = len(train_loader) if self.limit_batches is None else min(len(train_loader), self.limit_batches)
@@ -177,7 +177,7 @@ class Trainer:
                 self.data_rng = generator.get_state() if generator is not None else None  # the next epoch's
                 test = None
                 if epoch % eval_every == 0 or epoch == epochs:
-                    test = self.final = self._evaluate_and_record(test_loader, epoch, lr)
+                    test = self._evaluate_and_record(test_loader, epoch, lr)
                 self._save("last.pt")
                 progress.epoch(epoch, train_loss, test)
         return self.final
@@ -199,6 +199,7 @@ class Trainer:
             self.sums = self._zero_sums()
         sums = self.sums  # summed on the device: reading a loss with .item() every step would stall a GPU
         check_every_step = self.device.type == "cpu"  # a host sync costs nothing there
+        last = len(loader) if self.limit_batches is None else min(len(loader), self.limit_batches)
         for i, (x, y) in enumerate(islice(loader, self.limit_batches), start=1):
             if i <= skip:
                 continue  # replaying the epoch's order up to where the checkpoint was taken
@@ -209,16 +210,16 @@ class Trainer:
             self.optimizer.step()
             self.step, self.batch = self.step + 1, i
             self._track_divergence(loss.detach())
-            weighted = loss.detach() * len(x)
+            weighted = loss.detach() * y.numel()  # losses are means over the targets' elements
             sums["epoch"] += weighted
             sums["window"] += weighted
-            sums["epoch_n"] += len(x)
-            sums["window_n"] += len(x)
+            sums["epoch_n"] += y.numel()
+            sums["window_n"] += y.numel()
             if check_every_step:
                 self._stop_if_diverged(epoch, lr)
             if self.step % self.log_every == 0:
                 self._record_train(epoch, lr)
-            if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+            if self.checkpoint_every and self.step % self.checkpoint_every == 0 and i < last:  # epoch end saves anyway
                 self._stop_if_diverged(epoch, lr)  # never save weights that went NaN
                 self._save("last.pt")
             if self.stop_signal is not None:
@@ -248,6 +249,7 @@ class Trainer:
             raise Diverged(epoch, bad, lr)
 
     def _record_train(self, epoch: int, lr: float) -> None:
+        self._stop_if_diverged(epoch, lr)  # the row's read syncs anyway
         sums = self.sums
         loss = (sums["window"] / sums["window_n"]).item()  # the one host sync per log interval
         sums["window"], sums["window_n"] = torch.zeros_like(sums["window"]), 0
@@ -256,11 +258,11 @@ class Trainer:
             {"epoch": epoch, "step": self.step, "split": "train", "lr": lr, "loss": loss, "elapsed_s": elapsed}
         )
 
-    def evaluate(self, loader: Iterable) -> dict[str, float]:
-        return evaluate(self.model, loader, self.loss_name, self.device, self.limit_batches)
-
     def _evaluate_and_record(self, loader: Iterable, epoch: int, lr: float) -> dict[str, float]:
-        metrics = self.evaluate(loader)
+        metrics = evaluate(self.model, loader, self.loss_name, self.device, self.limit_batches)
+        if not math.isfinite(metrics["test_loss"]):  # weights went NaN in the last steps: save nothing
+            raise Diverged(epoch, self.step, lr)
+        self.final = metrics
         row = {k.removeprefix("test_"): v for k, v in metrics.items()}
         elapsed = time.monotonic() - self._start
         self.run.log_metrics(
@@ -268,7 +270,6 @@ class Trainer:
         )
         if metrics["test_loss"] < self.best_loss:
             self.best_loss = metrics["test_loss"]
-            self.final = metrics
             self._save("best.pt")
         return metrics
 

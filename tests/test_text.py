@@ -12,6 +12,7 @@ import torch
 from dlfs_cli.config import DlfsError
 from dlfs_cli.data import build_data
 from dlfs_cli.data.text import BookBatches, StreamBatches, WindowBatches, encode, read_text, vocabulary
+from dlfs_cli.evaluate import evaluate_run
 from dlfs_cli.generate import sample
 from dlfs_cli.models import NextCharacterModel
 from dlfs_cli.train import train
@@ -183,6 +184,8 @@ def test_smoke_run_then_generate(make_cfg, tmp_path: Path, batching: str) -> Non
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["vocab"] == vocabulary(text.read_text())
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    result = evaluate_run(run, "last")  # the config comes back typed (corpus, batching are enums)
+    assert result["recomputed"] == result["recorded"] == metrics
     if batching == "streams":  # the CLI, in a fresh process: the same text twice for a seed
         outs = [run_dlfs("generate", f"run={run}", "length=300", "seed=3", cwd=tmp_path) for _ in range(2)]
         assert all(o.returncode == 0 for o in outs), outs[0].stderr
