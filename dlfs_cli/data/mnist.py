@@ -123,6 +123,7 @@ def build(cfg: DictConfig, batch_size: int, seed: int, device: torch.device, rec
             test_set.targets,
         )
     train_ds, test_ds = _BookDataset(train_set, scale, reconstruct), _BookDataset(test_set, scale, reconstruct)
+    # Workers are not persistent: each epoch's are seeded from `generator` again, so a resume replays them.
     workers = cfg.num_workers
     return DataBundle(
         DataLoader(
@@ -132,7 +133,6 @@ def build(cfg: DictConfig, batch_size: int, seed: int, device: torch.device, rec
             generator=generator,
             num_workers=workers,
             pin_memory=device.type == "cuda",
-            persistent_workers=workers > 0,
         ),
         DataLoader(test_ds, eval_batch, num_workers=workers, pin_memory=device.type == "cuda"),
         info,
