@@ -197,8 +197,7 @@ class Trainer:
         if skip == 0:
             self.carried = carried_state(loader)  # a recurrent model starts each epoch from zeros
             self.sums = self._zero_sums()
-        sums = self.sums  # summed on the device: reading a loss with .item() every step would stall a GPU
-        check_every_step = self.device.type == "cpu"  # a host sync costs nothing there
+        sums = self.sums
         last = len(loader) if self.limit_batches is None else min(len(loader), self.limit_batches)
         for i, (x, y) in enumerate(islice(loader, self.limit_batches), start=1):
             if i <= skip:
@@ -209,14 +208,7 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
             self.step, self.batch = self.step + 1, i
-            self._track_divergence(loss.detach())
-            weighted = loss.detach() * y.numel()  # losses are means over the targets' elements
-            sums["epoch"] += weighted
-            sums["window"] += weighted
-            sums["epoch_n"] += y.numel()
-            sums["window_n"] += y.numel()
-            if check_every_step:
-                self._stop_if_diverged(epoch, lr)
+            self._account(loss.detach(), y.numel(), epoch, lr)
             if self.step % self.log_every == 0:
                 self._record_train(epoch, lr)
             if self.checkpoint_every and self.step % self.checkpoint_every == 0 and i < last:  # epoch end saves anyway
@@ -227,32 +219,50 @@ class Trainer:
                 self._save("last.pt")
                 raise Interrupted(self.stop_signal, epoch, i, self.step, self.run.path)
             if progress.due():
-                progress.batch(i, (sums["epoch"] / sums["epoch_n"]).item())
+                progress.batch(i, float(sums["epoch"] / sums["epoch_n"]))
         self._stop_if_diverged(epoch, lr)
         if sums["window_n"]:
             self._record_train(epoch, lr)
-        return (sums["epoch"] / max(sums["epoch_n"], 1)).item()
+        return float(sums["epoch"] / max(sums["epoch_n"], 1))
 
     def _zero_sums(self) -> dict[str, Any]:
+        if self.device.type == "cpu":
+            return {"epoch": 0.0, "epoch_n": 0, "window": 0.0, "window_n": 0}
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         return {"epoch": zero.clone(), "epoch_n": 0, "window": zero.clone(), "window_n": 0}
 
-    def _track_divergence(self, loss: Tensor) -> None:
-        """Device-side bookkeeping, no host sync: remember the first step whose loss was NaN or infinite."""
-        self._device_step += 1
-        first = (~torch.isfinite(loss)) & (self._first_bad < 0)
-        self._first_bad = torch.where(first, self._device_step, self._first_bad)
+    def _account(self, loss: Tensor, elements: int, epoch: int, lr: float) -> None:
+        """Add a step's loss (a mean over `elements` targets) to the running sums and watch for divergence.
+
+        On a CPU reading the loss costs nothing, so every step is checked at once. On an accelerator a
+        read would stall the pipeline: the sums stay on the device, and a device-side flag remembers the
+        first step whose loss was NaN or infinite, read at log and save points."""
+        sums = self.sums
+        if self.device.type == "cpu":
+            value = loss.item()
+            if not math.isfinite(value):
+                raise Diverged(epoch, self.step, lr)
+            weighted = value * elements
+        else:
+            weighted = loss * elements
+            self._device_step += 1
+            first = (~torch.isfinite(loss)) & (self._first_bad < 0)
+            self._first_bad = torch.where(first, self._device_step, self._first_bad)
+        sums["epoch"] += weighted
+        sums["window"] += weighted
+        sums["epoch_n"] += elements
+        sums["window_n"] += elements
 
     def _stop_if_diverged(self, epoch: int, lr: float) -> None:
-        bad = int(self._first_bad)  # the host sync: every step on a CPU, at log and save points elsewhere
+        bad = int(self._first_bad)  # a host sync; on a CPU the flag is never set (_account checks every step)
         if bad >= 0:
             raise Diverged(epoch, bad, lr)
 
     def _record_train(self, epoch: int, lr: float) -> None:
         self._stop_if_diverged(epoch, lr)  # the row's read syncs anyway
         sums = self.sums
-        loss = (sums["window"] / sums["window_n"]).item()  # the one host sync per log interval
-        sums["window"], sums["window_n"] = torch.zeros_like(sums["window"]), 0
+        loss = float(sums["window"] / sums["window_n"])  # the one host sync per log interval
+        sums["window"], sums["window_n"] = sums["window"] * 0, 0
         elapsed = time.monotonic() - self._start
         self.run.log_metrics(
             {"epoch": epoch, "step": self.step, "split": "train", "lr": lr, "loss": loss, "elapsed_s": elapsed}

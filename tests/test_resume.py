@@ -42,14 +42,14 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 def interrupt_at_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     """Make the trainer behave as if SIGINT arrived during training step `step`."""
-    original = Trainer._track_divergence
+    original = Trainer._account
 
-    def track(self, loss):
-        original(self, loss)
+    def account(self, loss, *args):
+        original(self, loss, *args)
         if self.step == step:
             self.stop_signal = signal.SIGINT
 
-    monkeypatch.setattr(Trainer, "_track_divergence", track)
+    monkeypatch.setattr(Trainer, "_account", account)
 
 
 def resume(make_cfg, run: Path) -> dict[str, float]:
@@ -192,12 +192,12 @@ def test_divergence_from_the_cli(tmp_path: Path) -> None:
 
 def test_divergence_keeps_the_last_good_checkpoint(make_cfg, tmp_path: Path, monkeypatch) -> None:
     run = tmp_path / "run"
-    original = Trainer._track_divergence
+    original = Trainer._account
 
-    def poison(self, loss):  # from step 30 on the loss is NaN, as if the weights had blown up
-        original(self, loss * float("nan") if self.step >= 30 else loss)
+    def poison(self, loss, *args):  # from step 30 on the loss is NaN, as if the weights had blown up
+        original(self, loss * float("nan") if self.step >= 30 else loss, *args)
 
-    monkeypatch.setattr(Trainer, "_track_divergence", poison)
+    monkeypatch.setattr(Trainer, "_account", poison)
     with pytest.raises(DlfsError, match="at step 30 .epoch 3."):
         train(make_cfg("trainer.epochs=5", "device=cpu", "figures.enabled=false"), run)
     assert summary(run)["status"] == "diverged"

@@ -36,21 +36,24 @@ def report(
     higher_is_better: bool,
     file: str,
 ) -> str:
-    """A markdown table of medians with each side's ratio to the first side on `ratio_of`; also saved."""
+    """A markdown table of medians, and each side's ratio to the first side on `ratio_of`: the median of
+    the per-round ratios (each taken within one round, so that the machine's drift cancels); also saved."""
     rounds = len(next(iter(results.values())))
-    base = statistics.median(x[ratio_of] for x in next(iter(results.values())))
+    base_rows = next(iter(results.values()))
     lines = [
         f"{title}: {time.strftime('%Y-%m-%d %H:%M')}, {platform.node()}, {os.cpu_count()} CPUs, "
         f"{rounds} rounds alternating, medians",
         "",
-        "| side | " + " | ".join(columns) + f" | {ratio_of} vs {next(iter(results))} |",
+        "| side | " + " | ".join(columns) + f" | {ratio_of} vs {next(iter(results))} (median of per-round ratios) |",
         "|---|" + "---|" * (len(columns) + 1),
     ]
     for name, rows in results.items():
         med = {c: statistics.median(x[c] for x in rows) for c in columns}
-        ratio = med[ratio_of] / base
+        ratios = [x[ratio_of] / b[ratio_of] for x, b in zip(rows, base_rows, strict=True)]
+        spread = f" (rounds {min(ratios):.2f}-{max(ratios):.2f})" if name != next(iter(results)) else ""
         cells = " | ".join(f"{med[c]:,.0f}" if med[c] >= 1000 else f"{med[c]:.4g}" for c in columns)
-        lines.append(f"| {name} | {cells} | {ratio:.2f}x{' (higher is better)' if higher_is_better else ''} |")
+        better = " (higher is better)" if higher_is_better else ""
+        lines.append(f"| {name} | {cells} | {statistics.median(ratios):.2f}x{better}{spread} |")
     text = "\n".join(lines)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / file).write_text(text + "\n")
