@@ -183,6 +183,8 @@ def _run_dir_for_resume(args: list[str]) -> list[str]:
     paths = [a.split("=", 1)[1] for a in args if a.startswith("resume=")]
     if not paths or paths[0] in ("", "null"):
         return args
+    if not Path(paths[0]).is_dir():  # checked before Hydra makes the folder
+        _fail(f"resume={paths[0]}: no such folder")
     return [*args, f"hydra.run.dir={paths[0]}", "hydra.output_subdir=null"]
 
 

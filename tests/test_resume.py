@@ -279,3 +279,9 @@ def test_deterministic_switch_is_recorded(make_cfg, tmp_path: Path) -> None:
     finally:
         torch.use_deterministic_algorithms(False)
     assert summary(tmp_path / "run")["deterministic"] is True
+
+
+def test_resume_of_a_missing_folder_is_one_line(tmp_path: Path) -> None:
+    out = run_dlfs("train", "resume=nowhere", cwd=tmp_path)
+    assert out.returncode != 0 and out.stderr.strip() == "dlfs: error: resume=nowhere: no such folder"
+    assert not (tmp_path / "nowhere").exists()
