@@ -39,7 +39,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict[str, flo
     optimizer = build_optimizer(cfg.optimizer, model)
     scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.trainer.epochs)
     plain_cfg = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    state = _resume_state(run_dir, plain_cfg, device) if resume else None
+    state = _resume_state(run_dir, plain_cfg) if resume else None
 
     # Everything above can refuse the config; only now does the run folder get its files.
     start = time.time()
@@ -127,7 +127,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict[str, flo
     return metrics
 
 
-def _resume_state(run_dir: Path, plain_cfg: dict, device: torch.device) -> dict:
+def _resume_state(run_dir: Path, plain_cfg: dict) -> dict:
     """The run's last.pt, checked to belong to this model and data."""
     state = load_run_checkpoint(run_dir, "last")  # on the CPU: the RNG states must stay there
     if state.get("format_version", 1) < FORMAT_VERSION:
