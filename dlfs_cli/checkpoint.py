@@ -93,12 +93,17 @@ def load_run_model(
     state = load_run_checkpoint(run_dir, checkpoint)
     cfg = typed_config(state["config"])
     model = build_model(cfg.model, info_for(cfg, state))
+    load_weights(model, state, run_dir / CHECKPOINT_DIR / f"{checkpoint}.pt")
+    return model.to(device), cfg, state
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, Any], path: Path) -> None:
+    """The checkpoint's weights into `model`; weights of another shape are a one-line DlfsError."""
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as ex:
         detail = next((line.strip() for line in str(ex).splitlines()[1:] if line.strip()), str(ex))
-        raise DlfsError(f"{run_dir}/{CHECKPOINT_DIR}/{checkpoint}.pt does not fit its model: {detail}") from None
-    return model.to(device), cfg, state
+        raise DlfsError(f"{path} does not fit its model: {detail}") from None
 
 
 def config_hash(config: dict[str, Any]) -> str:

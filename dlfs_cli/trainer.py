@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dlfs_cli.checkpoint import capture_rng, restore_rng, save_checkpoint
+from dlfs_cli.checkpoint import capture_rng, load_weights, restore_rng, save_checkpoint
 from dlfs_cli.config import DlfsError
 from dlfs_cli.tracking import ProgressDisplay, RunFolder
 
@@ -308,10 +308,7 @@ class Trainer:
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint: weights, optimizer, schedule, position, running sums, every RNG."""
-        try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as ex:
-            raise DlfsError(f"the checkpoint's weights do not fit this model: {str(ex).splitlines()[1:2]}") from None
+        load_weights(self.model, state, self.run.checkpoints / "last.pt")
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
