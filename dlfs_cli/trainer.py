@@ -165,7 +165,7 @@ class Trainer:
             self._evaluate_and_record(test_loader, 0, lr)
             self._save("last.pt")
             return self.final
-        batches = len(train_loader) if self.limit_batches is None else min(len(train_loader), self.limit_batches)
+        batches = self._batches_per_epoch(train_loader)
         generator = getattr(train_loader, "generator", None)  # the data order's, if the loader shuffles
         with ProgressDisplay(epochs, batches) as progress:
             for epoch in range(self.epoch + 1, epochs + 1):
@@ -198,7 +198,7 @@ class Trainer:
             self.carried = carried_state(loader)  # a recurrent model starts each epoch from zeros
             self.sums = self._zero_sums()
         sums = self.sums
-        last = len(loader) if self.limit_batches is None else min(len(loader), self.limit_batches)
+        last = self._batches_per_epoch(loader)
         for i, (x, y) in enumerate(islice(loader, self.limit_batches), start=1):
             if i <= skip:
                 continue  # replaying the epoch's order up to where the checkpoint was taken
@@ -224,6 +224,9 @@ class Trainer:
         if sums["window_n"]:
             self._record_train(epoch, lr)
         return float(sums["epoch"] / max(sums["epoch_n"], 1))
+
+    def _batches_per_epoch(self, loader: Iterable) -> int:
+        return len(loader) if self.limit_batches is None else min(len(loader), self.limit_batches)
 
     def _zero_sums(self) -> dict[str, Any]:
         if self.device.type == "cpu":
