@@ -17,11 +17,10 @@ from typing import NoReturn
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from dlfs_cli import __version__
+from dlfs_cli import __version__, sweep
 from dlfs_cli.config import DlfsError, check_device, conf_dir, register_configs, validate
 
 register_configs()
@@ -34,19 +33,24 @@ CONF_DIR = str(conf_dir())
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def _train_app(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    multirun = sweep.in_sweep()
     try:
+        if multirun:
+            sweep.check_not_stopped()
         validate(cfg)  # train() checks again; here it refuses a bad value before torch's ~2 s import
         if cfg.resume is not None:
+            if multirun:
+                raise DlfsError("resume= continues one run; it cannot be part of a sweep (-m)")
             return _resume(cfg, Path(cfg.resume))
         from dlfs_cli.train import train
 
-        metrics = train(cfg, run_dir)
+        threads, live = (sweep.job_threads(), sweep.in_process()) if multirun else (None, True)
+        metrics = train(cfg, run_dir, threads=threads, live=live)
     except DlfsError as ex:
+        if multirun:  # recorded in the job's folder; the other jobs go on
+            return sweep.job_failed(run_dir, cfg, ex)
         _drop_if_only_hydra_files(run_dir)
-        code = getattr(ex, "exit_code", 2)
-        if HydraConfig.get().mode == RunMode.MULTIRUN and code == 2:
-            raise  # Hydra marks the job failed and runs the others; the sweep then fails with this message
-        raise UserError(str(ex), code) from None
+        raise UserError(str(ex), getattr(ex, "exit_code", 2)) from None
     return metrics.get("test_loss")  # what Hydra's sweepers minimise
 
 
@@ -122,12 +126,22 @@ def _generate_app(cfg: DictConfig) -> None:
         raise UserError(str(ex)) from None
 
 
-# --- the command table: later commands (reproduce, runs) go here --------------
+# --- runs ------------------------------------------------------------------------------------
+
+
+def _runs_app() -> None:
+    from dlfs_cli.runs import list_runs
+
+    list_runs(sys.argv[1:])
+
+
+# --- the command table: later commands (reproduce) go here ------------------------------------
 
 COMMANDS: dict[str, tuple[Callable[[], object], str]] = {
     "train": (_train_app, "train a model (a Hydra app: KEY=VALUE overrides, -m, --cfg job, --help)"),
     "eval": (_eval_app, "recompute a run's held-out metrics from its checkpoint: dlfs eval run=<folder>"),
     "generate": (_generate_app, "sample text from a trained lstm_charmodel run: dlfs generate run=<folder>"),
+    "runs": (_runs_app, "list past runs and sweep jobs as a table: dlfs runs [PATH] [--model M] [--sort KEY]"),
 }
 
 
@@ -189,12 +203,38 @@ def _run_dir_for_resume(args: list[str]) -> list[str]:
 
 
 def _refuse_existing_run(args: list[str]) -> None:
-    """hydra.run.dir=PATH pointing at a finished run would overwrite it: refuse before Hydra starts."""
+    """hydra.run.dir / hydra.sweep.dir pointing at finished runs would overwrite them: refuse before Hydra starts."""
+    if any(a.startswith("resume=") for a in args):
+        return
     for arg in args:
-        if arg.startswith("hydra.run.dir=") and not any(a.startswith("resume=") for a in args):
-            target = Path(arg.split("=", 1)[1])
-            if (target / "summary.json").exists():
-                _fail(f"{target} already holds a run (summary.json); choose another hydra.run.dir")
+        key, _, value = arg.partition("=")
+        target = Path(value)
+        if key == "hydra.run.dir" and (target / "summary.json").exists():
+            _fail(f"{target} already holds a run (summary.json); choose another hydra.run.dir")
+        if key == "hydra.sweep.dir" and _is_multirun(args) and target.is_dir():
+            if (target / sweep.SUMMARY_CSV).exists() or any(target.glob("*/summary.json")):
+                _fail(f"{target} already holds a sweep; choose another hydra.sweep.dir")
+
+
+def _is_multirun(args: list[str]) -> bool:
+    return "-m" in args or "--multirun" in args
+
+
+def _finish_sweep() -> None:
+    """After every job of a sweep: summary.csv and the ranked table; a non-zero exit when a job did not complete."""
+    folder = sweep.SweepFolder.current
+    if folder is None or folder.path is None or not folder.path.is_dir():
+        return
+    incomplete = sweep.summarize(folder)
+    if incomplete:
+        which = ", ".join(f"job {r.job} {r.status}" for r in incomplete)
+        summary = folder.path / sweep.SUMMARY_CSV
+        message = f"{len(incomplete)} of the sweep's jobs did not complete ({which}); see {summary}"
+        if folder.stopped():  # a stop asked for, not an error
+            (folder.path / sweep.STOP_FILE).unlink()
+            print(f"dlfs: sweep interrupted: {message}", file=sys.stderr)
+            sys.exit(130)
+        _fail(message)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -219,6 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         app()
+        if command == "train" and _is_multirun(rest):
+            _finish_sweep()
     except UserError as ex:
         if ex.code == 2:
             _fail(ex.message)
@@ -228,9 +270,24 @@ def main(argv: list[str] | None = None) -> None:
         _fail(str(ex))
     except (HydraException, OmegaConfBaseException) as ex:
         _fail(explain(ex))
+    except Exception as ex:  # e.g. joblib losing a worker process that was killed
+        if command != "train" or not _is_multirun(rest) or sweep.SweepFolder.current is None:
+            raise
+        _finish_sweep_quietly()
+        _fail(f"the sweep stopped: {type(ex).__name__}: {explain(ex)}")
     except KeyboardInterrupt as ex:
         print("dlfs: aborted", file=sys.stderr)
+        if command == "train" and _is_multirun(rest):
+            _finish_sweep_quietly()
         sys.exit(getattr(ex, "exit_code", 130))
+
+
+def _finish_sweep_quietly() -> None:
+    """A sweep stopped at once still gets its summary.csv: what ran is kept."""
+    try:
+        _finish_sweep()
+    except SystemExit:
+        pass
 
 
 if __name__ == "__main__":

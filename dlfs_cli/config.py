@@ -51,6 +51,17 @@ class Corpus(str, Enum):
     tinyshakespeare = "tinyshakespeare"  # 1,115,394 characters (karpathy/char-rnn, MIT)
 
 
+class Logger(str, Enum):
+    csv = "csv"  # metrics.csv only (always written)
+    tensorboard = "tensorboard"  # also event files in <run>/tensorboard/ (pip install 'dlfs-cli[tensorboard]')
+
+
+class Direction(str, Enum):
+    auto = "auto"  # maximize a metric named *accuracy*, minimize anything else
+    minimize = "minimize"
+    maximize = "maximize"
+
+
 class Pipeline(str, Enum):
     tensor = "tensor"  # each split held whole as one uint8 tensor, scaled per batch (fast)
     torchvision = "torchvision"  # the book's PIL -> ToTensor -> Normalize through a DataLoader
@@ -222,7 +233,7 @@ class TrainerConfig:
     epochs: int = 10
     batch_size: int = 32
     eval_every: int = 1  # evaluate on the held-out split every N epochs (and always at the end)
-    seed: int = 0
+    seed: int = 0  # in the YAML: ${seed}, the top-level key (dlfs train -m seed=1,2,3)
     limit_batches: int | None = None  # at most N batches per epoch and per evaluation (smoke runs)
     log_every: int = 100  # training steps between rows of training loss in metrics.csv
     checkpoint_every: int = 500  # training steps between mid-epoch saves of last.pt (0: epoch ends only)
@@ -269,6 +280,14 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 @dataclass
+class SweepConfig:
+    """How `dlfs train -m` ranks its jobs in the sweep's summary.csv and table."""
+
+    metric: str = "test_loss"  # a held-out metric from summary.json
+    direction: Direction = Direction.auto
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = MISSING
     data: DataConfig = MISSING
@@ -277,6 +296,9 @@ class TrainConfig:
     loss: LossConfig = MISSING
     trainer: TrainerConfig = MISSING
     figures: FiguresConfig = field(default_factory=FiguresConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    seed: int = 0  # every random draw of a run: initial weights, data order, dropout
+    logger: Logger = Logger.csv
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     resume: str | None = None  # a run folder to continue from its last.pt, with its own config
 

@@ -22,6 +22,7 @@ ALLOWED = (
     "trainer.log_every",
     "trainer.checkpoint_every",
     "device",
+    "logger",
     "figures.",
 )
 

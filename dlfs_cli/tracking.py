@@ -31,6 +31,7 @@ METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 LOG_FILE = "train.log"
 CHECKPOINT_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"  # logger=tensorboard: event files, beside metrics.csv
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -75,10 +76,15 @@ def _git_commit() -> str | None:
 class RunFolder:
     """Writes the files of one run folder; see README "The run folder"."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, tensorboard: bool = False, live: bool = True) -> None:
+        """tensorboard: also write TensorBoard event files; live: a progress bar on a terminal (not for
+        jobs that run side by side in one terminal)."""
         self.path = path
         self.checkpoints = path / CHECKPOINT_DIR
         self.summary: dict[str, Any] = {}
+        self.live = live
+        self._tensorboard = tensorboard
+        self._writer: Any = None  # torch.utils.tensorboard.SummaryWriter
         self._metrics_columns: list[str] | None = None
         self._log_handler: logging.Handler | None = None
 
@@ -111,6 +117,11 @@ class RunFolder:
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(self._log_handler)
         log.setLevel(logging.INFO)
+        if self._tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package (checked before)
+
+            # purge_step: a resumed run replaces the events written after its checkpoint, as metrics.csv does
+            self._writer = SummaryWriter(str(self.path / TENSORBOARD_DIR), purge_step=resume_step)
         self.update_summary(status="running", **summary)
 
     def log_metrics(self, row: Mapping[str, Any]) -> None:
@@ -118,6 +129,10 @@ class RunFolder:
         assert self._metrics_columns is not None, "start() first"
         with open(self.path / METRICS_FILE, "a", newline="") as f:
             csv.writer(f).writerow([_cell(row.get(c)) for c in self._metrics_columns])
+        if self._writer is not None:
+            for key, value in row.items():
+                if key not in ("epoch", "step", "split", "elapsed_s") and value is not None:
+                    self._writer.add_scalar(f"{row['split']}/{key}", value, row["step"])
 
     def update_summary(self, **fields: Any) -> None:
         self.summary.update(fields)
@@ -129,6 +144,9 @@ class RunFolder:
             self._log_handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None))
 
     def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()  # flushes the events
+            self._writer = None
         if self._log_handler is not None:
             log.removeHandler(self._log_handler)
             self._log_handler.close()
@@ -167,10 +185,10 @@ class ProgressDisplay:
 
     REFRESH_S = 0.25  # how often the bar reads the loss from the device (each read is a host sync)
 
-    def __init__(self, epochs: int, batches_per_epoch: int) -> None:
+    def __init__(self, epochs: int, batches_per_epoch: int, live: bool = True) -> None:
         self.epochs = epochs
         self.batches = batches_per_epoch
-        self.live = console.is_terminal
+        self.live = live and console.is_terminal
         self._next_refresh = 0.0
         self._start = time.monotonic()
         self._progress: Progress | None = None

@@ -5,6 +5,7 @@ A plain function: the `dlfs train` Hydra app calls it, and so do the tests.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 import signal
@@ -27,9 +28,18 @@ from dlfs_cli.tracking import CHECKPOINT_DIR, RunFolder, log, print_config_tree,
 from dlfs_cli.trainer import Diverged, Interrupted, Trainer, metric_names
 
 
-def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict[str, float]:
-    """Run one training run into `run_dir` (or continue it from its last.pt); returns the final held-out metrics."""
+def train(
+    cfg: DictConfig, run_dir: Path, resume: bool = False, threads: int | None = None, live: bool = True
+) -> dict[str, float]:
+    """Run one training run into `run_dir` (or continue it from its last.pt); returns the final held-out metrics.
+
+    threads: CPU threads for torch (a sweep's parallel jobs share the cores); live: a progress bar."""
     validate(cfg)
+    tensorboard = cfg.logger == "tensorboard"  # a str Enum
+    if tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise DlfsError("logger=tensorboard needs the tensorboard package: pip install 'dlfs-cli[tensorboard]'")
+    if threads is not None:
+        torch.set_num_threads(threads)
     device = resolve_device(cfg.device)
     set_deterministic(cfg.trainer.deterministic, device)
     seed_everything(cfg.trainer.seed)
@@ -43,7 +53,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict[str, flo
 
     # Everything above can refuse the config; only now does the run folder get its files.
     start = time.time()
-    run = RunFolder(run_dir)
+    run = RunFolder(run_dir, tensorboard=tensorboard, live=live)
     fields = {
         "model": cfg.model.name,
         "data": cfg.data.name,
@@ -52,6 +62,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: bool = False) -> dict[str, flo
         "device": str(device),
         "deterministic": cfg.trainer.deterministic,
         "world_size": 1,
+        "threads": torch.get_num_threads(),
         "versions": versions(),
     }
     if state is None:

@@ -167,7 +167,7 @@ class Trainer:
             return self.final
         batches = self._batches_per_epoch(train_loader)
         generator = getattr(train_loader, "generator", None)  # the data order's, if the loader shuffles
-        with ProgressDisplay(epochs, batches) as progress:
+        with ProgressDisplay(epochs, batches, self.run.live) as progress:
             for epoch in range(self.epoch + 1, epochs + 1):
                 lr = self.optimizer.param_groups[0]["lr"]  # the rate of this epoch, for metrics.csv
                 train_loss = self._train_epoch(train_loader, generator, progress, epoch, lr)

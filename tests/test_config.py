@@ -18,7 +18,8 @@ COMPLETE = {("scheduler", "exponential"): ["scheduler.gamma=0.9"]}
 
 def test_groups_mirror_the_schemas() -> None:
     assert set(GROUPS) == set(SCHEMAS) | {"experiment"}
-    assert {f.name for f in dataclasses.fields(TrainConfig)} == set(SCHEMAS) | {"device", "figures", "resume"}
+    top_level = {"device", "figures", "resume", "seed", "logger", "sweep"}
+    assert {f.name for f in dataclasses.fields(TrainConfig)} == set(SCHEMAS) | top_level
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])

@@ -1,0 +1,209 @@
+"""Reading run folders back, and `dlfs runs [PATH]`: a table of the runs found under PATH.
+
+Only the run folders' small text files are read (summary.json, .hydra/overrides.yaml): no torch,
+so listing hundreds of runs takes a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dlfs_cli.config import DlfsError
+from dlfs_cli.tracking import SUMMARY_FILE
+
+OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
+STATUSES = ("completed", "running", "diverged", "interrupted", "failed", "skipped")
+# Keys that only pick the random draws: runs that differ in nothing else are seeds of one setting.
+SEED_KEYS = frozenset({"seed", "trainer.seed"})
+# Overrides that say where a run goes or how it is shown, not what it is: left out of the tables.
+HIDDEN_KEYS = ("hydra.", "figures.", "sweep.")
+
+
+@dataclass
+class Run:
+    """What a run folder says about itself."""
+
+    path: Path
+    summary: dict[str, Any]
+    overrides: dict[str, str] = field(default_factory=dict)
+    job: int | None = None  # its number in a sweep
+
+    @property
+    def status(self) -> str:
+        return self.summary.get("status", "failed")
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.summary.get("metrics") or {}
+
+
+def read_run(path: Path) -> Run | None:
+    """The run in `path`, or None when it is not a run folder. A sweep job that stopped before
+    writing summary.json (the process was killed) is reported as failed."""
+    overrides: dict[str, str] = {}
+    job = None
+    if (path / OVERRIDES_FILE).is_file():
+        try:
+            for item in yaml.safe_load((path / OVERRIDES_FILE).read_text()) or []:
+                key, _, value = str(item).partition("=")
+                overrides[key.lstrip("+~")] = value
+            job_num = ((yaml.safe_load((path / ".hydra" / "hydra.yaml").read_text()) or {}).get("hydra") or {}).get(
+                "job", {}
+            )
+            job = job_num.get("num")
+        except (OSError, yaml.YAMLError):
+            pass
+    try:
+        summary = json.loads((path / SUMMARY_FILE).read_text())
+    except FileNotFoundError:
+        if not overrides and not (path / ".hydra").is_dir():
+            return None
+        summary = {"status": "failed", "error": "no summary.json: the job ended before it began (killed?)"}
+    except (OSError, ValueError) as ex:
+        summary = {"status": "failed", "error": f"unreadable summary.json: {ex}"}
+    return Run(path, summary, overrides, job if isinstance(job, int) else None)
+
+
+def find_runs(root: Path) -> list[Run]:
+    """Every run folder under `root` (itself included), without descending into a run's own files."""
+    runs = []
+    for folder, subdirs, files in os.walk(root):
+        here = Path(folder)
+        if SUMMARY_FILE in files or (here / OVERRIDES_FILE).is_file():
+            run = read_run(here)
+            if run is not None:
+                runs.append(run)
+                subdirs.clear()
+                continue
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+    return runs
+
+
+def varying_keys(runs: Iterable[Run]) -> list[str]:
+    """Override keys whose value differs between the runs (or is missing from some), in first-seen order."""
+    runs = list(runs)
+    keys: dict[str, None] = {}
+    for run in runs:
+        keys.update(dict.fromkeys(k for k in run.overrides if not k.startswith(HIDDEN_KEYS)))
+    return [k for k in keys if len({run.overrides.get(k) for run in runs}) > 1]
+
+
+def metric_keys(runs: Iterable[Run]) -> list[str]:
+    keys: dict[str, None] = {}
+    for run in runs:
+        keys.update(dict.fromkeys(run.metrics))
+    return list(keys)
+
+
+def table_console() -> Any:
+    """A rich console; written to a file or a pipe it is wide enough that no column is cut short."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=240)
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+# --- dlfs runs -------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dlfs runs",
+        description="List the runs under PATH (single runs and sweep jobs) from their run-folder files.",
+    )
+    p.add_argument("path", nargs="?", default=os.environ.get("DLFS_OUTPUTS", "outputs"), help="default: outputs/")
+    p.add_argument("--model", help="only runs of this model (boston, mnist_cnn, lstm_charmodel, autoencoder)")
+    p.add_argument("--status", choices=STATUSES, help="only runs with this status")
+    p.add_argument(
+        "--sort", default="started", help="a column: started (default), duration, epochs, status, model, run, a metric"
+    )
+    p.add_argument("--reverse", action="store_true", help="sort descending")
+    p.add_argument("--limit", type=int, default=None, help="show at most N runs (after sorting)")
+    return p
+
+
+def _sort_key(run: Run, key: str) -> tuple:
+    """Runs without the value go last; numbers sort as numbers."""
+    value: Any = {
+        "started": run.summary.get("started_at"),
+        "duration": run.summary.get("duration_s"),
+        "epochs": run.summary.get("epochs_completed"),
+        "status": run.status,
+        "model": run.summary.get("model"),
+        "run": str(run.path),
+    }.get(key, run.metrics.get(key, run.overrides.get(key)))
+    if value is None:
+        return (1, 0, "")
+    try:
+        return (0, float(value), "")
+    except (TypeError, ValueError):
+        return (0, 0, str(value))
+
+
+def list_runs(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    root = Path(args.path)
+    if not root.is_dir():
+        raise DlfsError(f"{root}: no such folder (dlfs runs lists the run folders under a folder, default outputs/)")
+    runs = find_runs(root)
+    if args.model:
+        runs = [r for r in runs if r.summary.get("model") == args.model]
+    if args.status:
+        runs = [r for r in runs if r.status == args.status]
+    columns = {"started", "duration", "epochs", "status", "model", "run", *metric_keys(runs), *varying_keys(runs)}
+    if args.sort not in columns and runs:
+        raise DlfsError(f"--sort {args.sort}: no such column; valid: {', '.join(sorted(columns))}")
+    runs.sort(key=lambda r: _sort_key(r, args.sort), reverse=args.reverse)
+    if args.reverse:  # runs without the value stay last
+        runs.sort(key=lambda r: _sort_key(r, args.sort)[0])
+    if args.limit is not None:
+        runs = runs[: args.limit]
+    print_runs(runs, root)
+    return 0
+
+
+def print_runs(runs: list[Run], root: Path) -> None:
+    from rich.table import Table
+
+    table = Table()
+    overrides, metrics = varying_keys(runs), metric_keys(runs)
+    for name in ["run", "model", "status", *overrides, *metrics, "epochs", "duration_s", "started"]:
+        numeric = name in metrics or name in ("epochs", "duration_s")
+        table.add_column(name, justify="right" if numeric else "left", overflow="fold")
+    for run in runs:
+        s = run.summary
+        epochs = f"{s.get('epochs_completed', '')}/{s.get('epochs', '')}" if "epochs" in s else ""
+        table.add_row(
+            str(run.path.relative_to(root)) if run.path != root else str(root),
+            s.get("model", ""),
+            _styled(run.status),
+            *(run.overrides.get(k, "") for k in overrides),
+            *(fmt(run.metrics.get(k)) for k in metrics),
+            epochs,
+            fmt(s.get("duration_s")),
+            str(s.get("started_at", ""))[:19].replace("T", " "),
+        )
+    console = table_console()
+    console.print(f"{len(runs)} run(s) under {root}", highlight=False)
+    console.print(table)
+
+
+def _styled(status: str) -> str:
+    colour = {"completed": "green", "running": "cyan", "interrupted": "yellow"}.get(status, "red")
+    return f"[{colour}]{status}[/{colour}]"

@@ -1,0 +1,289 @@
+"""`dlfs train -m`: what a sweep adds to single runs.
+
+- Each job's outcome lives in its own run folder; a job that fails, diverges or is interrupted
+  is recorded there and the sweep goes on (`job_failed`).
+- Parallel jobs share the cores: each job gets cores / (jobs at a time) threads (`job_threads`).
+- When the sweep ends, summary.csv at the sweep folder's root has one row per job, and the same
+  table is printed ranked by `sweep.metric`, with the seeds of one setting aggregated (`summarize`).
+
+No torch here: the sweep's own process only reads the jobs' files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import signal
+import statistics
+import threading
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from dlfs_cli.config import DlfsError
+from dlfs_cli.runs import SEED_KEYS, Run, fmt, metric_keys, read_run, table_console, varying_keys
+from dlfs_cli.tracking import SUMMARY_FILE, write_atomic
+
+log = logging.getLogger("dlfs")
+
+SUMMARY_CSV = "summary.csv"
+SEEDS_CSV = "summary_seeds.csv"
+STOP_FILE = ".stop"  # in the sweep folder while a signal stops the sweep: jobs that see it do not start
+
+
+class SweepFolder(Callback):
+    """Hydra callback (conf/train.yaml, hydra.callbacks): remembers the sweep's folder and ranking as
+    Hydra resolves them, so that the command can summarise the jobs once they have all ended, even when
+    the sweep itself ends with an error (Hydra calls no callback then)."""
+
+    current: SweepFolder | None = None
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self.metric = "test_loss"
+        self.direction = "auto"
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.path = Path(str(config.hydra.sweep.dir))  # resolved once: ${now:} is cached by Hydra
+        self.metric = str(config.sweep.metric)
+        self.direction = str(getattr(config.sweep.direction, "value", config.sweep.direction))
+        SweepFolder.current = self
+        if not str(config.hydra.launcher.get("_target_", "")).endswith("BasicLauncher"):
+            self._stop_on_signals()
+
+    def _stop_on_signals(self) -> None:
+        """Jobs in other processes: the first SIGINT/SIGTERM here stops the sweep. Jobs not yet started
+        are skipped; running ones stop and save when the signal reaches them too (Ctrl-C reaches every
+        process of the terminal's group), else they finish. A second signal aborts at once."""
+        assert self.path is not None
+        stop_file = self.path / STOP_FILE
+
+        def handle(signum: int, frame: object) -> None:
+            if stop_file.exists():
+                raise KeyboardInterrupt
+            stop_file.parent.mkdir(parents=True, exist_ok=True)
+            stop_file.touch()
+            log.warning("%s: stopping the sweep; jobs not started are skipped", signal.Signals(signum).name)
+
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(s, handle)
+
+    def stopped(self) -> bool:
+        return self.path is not None and (self.path / STOP_FILE).exists()
+
+
+# --- inside a job ----------------------------------------------------------------------------
+
+
+def in_sweep() -> bool:
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _launcher() -> tuple[str, DictConfig]:
+    launcher = HydraConfig.get().launcher
+    return str(launcher.get("_target_", "")), launcher
+
+
+def in_process() -> bool:
+    """True for Hydra's basic launcher, which runs the jobs one after another in this process."""
+    return _launcher()[0].endswith("BasicLauncher")
+
+
+def job_threads(cores: int | None = None) -> int | None:
+    """Threads for one job so that parallel jobs do not oversubscribe the cores; None: torch's default.
+
+    joblib runs n_jobs at a time (-1: one per core, -2: all but one, ...); a submitit job gets its
+    cpus_per_task."""
+    target, launcher = _launcher()
+    cores = cores or _cores()
+    if "Joblib" in target:
+        n_jobs = int(launcher.get("n_jobs") or 1)
+        at_once = n_jobs if n_jobs > 0 else max(cores + 1 + n_jobs, 1)
+        return max(1, cores // at_once)
+    if "submitit" in target and launcher.get("cpus_per_task"):
+        return int(launcher.cpus_per_task)
+    return None
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may use (a container, taskset)
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def check_not_stopped() -> None:
+    if (Path(HydraConfig.get().sweep.dir) / STOP_FILE).exists():
+        raise Skipped("not started: the sweep was interrupted")
+
+
+class Skipped(DlfsError):
+    pass
+
+
+def job_failed(run_dir: Path, cfg: DictConfig, ex: DlfsError) -> float:
+    """Record a job that did not complete and let the sweep go on.
+
+    train() has written the run's status (failed, diverged, interrupted) into summary.json; a job
+    refused before training began gets a summary.json saying why. Hydra's sweepers are handed NaN
+    (Optuna records such a trial as failed) instead of an exception that would end the sweep."""
+    if not (run_dir / SUMMARY_FILE).exists():
+        status = "skipped" if isinstance(ex, Skipped) else "failed"
+        summary = {"status": status, "error": str(ex), "model": cfg.model.name, "data": cfg.data.name}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    if getattr(ex, "exit_code", 2) != 2 and in_process():  # a signal to this process, which runs the next jobs
+        (Path(HydraConfig.get().sweep.dir) / STOP_FILE).touch()
+    log.error("job %s: %s", HydraConfig.get().job.num, ex)
+    return math.nan
+
+
+# --- when the sweep ends ---------------------------------------------------------------------
+
+
+def _direction(metric: str, direction: str) -> str:
+    if direction == "auto":
+        return "maximize" if "accuracy" in metric else "minimize"
+    return direction
+
+
+def summarize(sweep: SweepFolder, print_tables: bool = True) -> list[Run]:
+    """Write summary.csv (and summary_seeds.csv when seeds were swept), print them ranked; returns
+    the jobs that did not complete."""
+    assert sweep.path is not None
+    jobs = [r for r in (read_run(p) for p in _job_folders(sweep.path)) if r is not None]
+    jobs.sort(key=lambda r: (r.job if r.job is not None else 1 << 30, str(r.path)))
+    if not jobs:
+        return []
+    override_keys = list(dict.fromkeys(k for r in jobs for k in r.overrides if not k.startswith("hydra.")))
+    metrics = metric_keys(jobs)
+    header = ["job", *override_keys, "status", *metrics, "epochs", "duration_s", "run_dir", "error"]
+    rows = [
+        [
+            r.job if r.job is not None else "",
+            *(r.overrides.get(k, "") for k in override_keys),
+            r.status,
+            *(_csv_number(r.metrics.get(k)) for k in metrics),
+            r.summary.get("epochs_completed", ""),
+            r.summary.get("duration_s", ""),
+            str(r.path),
+            r.summary.get("error", ""),
+        ]
+        for r in jobs
+    ]
+    _write_csv(sweep.path / SUMMARY_CSV, header, rows)
+
+    direction = _direction(sweep.metric, sweep.direction)
+    ranked = rank(jobs, sweep.metric, direction)
+    groups = seed_groups(jobs, metrics)
+    if groups:
+        seed_header = [*groups[0]["setting"].keys(), "seeds", *(f"{m}_{s}" for m in metrics for s in ("mean", "std"))]
+        seed_rows = [
+            [*g["setting"].values(), g["n"], *(_csv_number(g[m][i]) for m in metrics for i in (0, 1))] for g in groups
+        ]
+        _write_csv(sweep.path / SEEDS_CSV, seed_header, seed_rows)
+    if print_tables:
+        _print(sweep, ranked, groups, metrics, direction)
+    return [r for r in jobs if r.status != "completed"]
+
+
+def _job_folders(root: Path) -> list[Path]:
+    """The folders Hydra made for the jobs: each holds .hydra/overrides.yaml (any hydra.sweep.subdir)."""
+    return sorted(p.parent.parent for p in root.glob("**/.hydra/overrides.yaml"))
+
+
+def rank(jobs: list[Run], metric: str, direction: str) -> list[Run]:
+    """Completed jobs best first by `metric`; then the others in job order."""
+    scored = [r for r in jobs if r.status == "completed" and _finite(r.metrics.get(metric))]
+    scored.sort(key=lambda r: r.metrics[metric], reverse=direction == "maximize")
+    return scored + [r for r in jobs if r not in scored]
+
+
+def seed_groups(jobs: list[Run], metrics: list[str]) -> list[dict[str, Any]]:
+    """Completed jobs that differ only by seed, as groups with mean and std (n-1) per metric;
+    empty unless the seed was swept."""
+    varying = varying_keys(jobs)
+    if not SEED_KEYS & set(varying):
+        return []
+    setting_keys = [k for k in varying if k not in SEED_KEYS]
+    groups: dict[tuple, list[Run]] = {}
+    for r in jobs:
+        if r.status == "completed":
+            groups.setdefault(tuple(r.overrides.get(k, "") for k in setting_keys), []).append(r)
+    out = []
+    for values, members in groups.items():
+        group: dict[str, Any] = {"setting": dict(zip(setting_keys, values, strict=True)), "n": len(members)}
+        for m in metrics:
+            xs = [r.metrics[m] for r in members if _finite(r.metrics.get(m))]
+            group[m] = (statistics.fmean(xs) if xs else None, statistics.stdev(xs) if len(xs) > 1 else None)
+        out.append(group)
+    return out
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _csv_number(x: Any) -> Any:
+    return "" if x is None else (f"{x:.6g}" if isinstance(x, float) else x)
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows([header, *rows])
+    write_atomic(path, buffer.getvalue())
+
+
+def _print(sweep: SweepFolder, ranked: list[Run], groups: list[dict], metrics: list[str], direction: str) -> None:
+    from rich.table import Table
+
+    assert sweep.path is not None
+    console = table_console()
+    keys = varying_keys(ranked)
+    best = "highest" if direction == "maximize" else "lowest"
+    console.print(f"sweep {sweep.path}: {len(ranked)} jobs, best first by {sweep.metric} ({best})", highlight=False)
+    table = Table()
+    for name in ["#", "job", *keys, "status", *metrics, "epochs", "duration_s"]:
+        table.add_column(name, justify="right" if name in metrics or name in ("#", "job", "epochs") else "left")
+    for place, r in enumerate(ranked, 1):
+        ok = r.status == "completed"
+        status = "[green]completed[/green]" if ok else f"[red]{r.status}[/red]"
+        table.add_row(
+            str(place) if ok else "",
+            fmt(r.job),
+            *(r.overrides.get(k, "") for k in keys),
+            status,
+            *(fmt(r.metrics.get(m)) for m in metrics),
+            fmt(r.summary.get("epochs_completed")),
+            fmt(r.summary.get("duration_s")),
+        )
+    console.print(table)
+    for r in ranked:
+        if r.status != "completed" and r.summary.get("error"):
+            console.print(f"  job {fmt(r.job)} {r.status}: {r.summary['error']}", markup=False, highlight=False)
+    if groups:
+        console.print("the same settings over seeds: mean +- std (n-1)")
+        seeds = Table()
+        for name in [*groups[0]["setting"], "seeds", *metrics]:
+            seeds.add_column(name, justify="right" if name in metrics or name == "seeds" else "left")
+        for g in groups:
+            cells = [_mean_std(*g[m]) for m in metrics]
+            seeds.add_row(*g["setting"].values(), str(g["n"]), *cells)
+        console.print(seeds)
+    console.print(f"summary: {sweep.path / SUMMARY_CSV}", highlight=False)
+
+
+def _mean_std(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return ""
+    return f"{mean:.4g} +- {std:.2g}" if std is not None else f"{mean:.4g}"
