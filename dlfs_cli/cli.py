@@ -169,6 +169,8 @@ def explain(ex: BaseException) -> str:
     """One line that names the problem, from Hydra's and OmegaConf's multi-line errors."""
     if isinstance(ex, OverrideParseException):
         return f"cannot parse override '{ex.override}': {ex.message.splitlines()[0]}"
+    if isinstance(ex, MissingConfigException) and "submitit" in str(ex.missing_cfg_file):
+        return "hydra/launcher=slurm (and submitit_local) needs hydra-submitit-launcher: pip install 'dlfs-cli[slurm]'"
     if isinstance(ex, MissingConfigException) and ex.options is not None and ex.missing_cfg_file:
         group, _, option = ex.missing_cfg_file.rpartition("/")
         return f"unknown option {group}={option}; valid choices: {', '.join(sorted(ex.options))}"
@@ -251,6 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     if command == "train":
         rest = _run_dir_for_resume(rest)
         _refuse_existing_run(rest)
+        if _is_multirun(rest) and any(a in rest for a in ("--cfg", "-c", "--info", "-i")):
+            _fail("--cfg and --info show one job's config: use them without -m")
 
     app, _ = COMMANDS[command]
     # Hydra reads its arguments from sys.argv. HYDRA_FULL_ERROR makes it raise instead of printing

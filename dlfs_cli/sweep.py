@@ -176,7 +176,7 @@ def summarize(sweep: SweepFolder, print_tables: bool = True) -> list[Run]:
             *(_csv_number(r.metrics.get(k)) for k in metrics),
             r.summary.get("epochs_completed", ""),
             r.summary.get("duration_s", ""),
-            str(r.path),
+            str(r.path.resolve()),
             r.summary.get("error", ""),
         ]
         for r in jobs

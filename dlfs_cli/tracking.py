@@ -132,6 +132,8 @@ class RunFolder:
         if self._writer is not None:
             for key, value in row.items():
                 if key not in ("epoch", "step", "split", "elapsed_s") and value is not None:
+                    if key == "lr" and row["split"] != "train":
+                        continue  # the rate is the training loop's
                     self._writer.add_scalar(f"{row['split']}/{key}", value, row["step"])
 
     def update_summary(self, **fields: Any) -> None:

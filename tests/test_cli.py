@@ -42,7 +42,7 @@ def test_cfg_job_prints_the_composed_config(tmp_path: Path) -> None:
     assert not (tmp_path / "outputs").exists()
 
 
-@pytest.mark.parametrize("args", [["--help"], ["train", "--cfg", "job"], ["train", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["train", "--cfg", "job"], ["train", "--help"], ["runs", "."]])
 def test_commands_that_do_not_train_do_not_import_torch(tmp_path: Path, args: list[str]) -> None:
     script = f"""
 import sys

@@ -85,7 +85,8 @@ def test_same_seed_same_numbers_other_seed_other_numbers(make_cfg, tmp_path: Pat
     a = train(make_cfg(*SMOKE, "model.dropout_keep=0.8"), tmp_path / "a")
     b = train(make_cfg(*SMOKE, "model.dropout_keep=0.8"), tmp_path / "b")
     c = train(make_cfg(*SMOKE, "model.dropout_keep=0.8", "trainer.seed=1"), tmp_path / "c")
-    assert a == b and a != c
+    d = train(make_cfg(*SMOKE, "model.dropout_keep=0.8", "seed=1"), tmp_path / "d")  # the top-level key
+    assert a == b and a != c and c == d
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,155 @@
+"""Sweeps (`dlfs train -m`): summary.csv, ranking, seeds, failure isolation, launchers; `dlfs runs`;
+logger=tensorboard."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import SMOKE, run_dlfs
+
+from dlfs_cli.runs import list_runs
+from dlfs_cli.train import train
+
+BOSTON = ["trainer.epochs=2", "device=cpu", "figures.enabled=false"]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def seed_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """Two learning rates x two seeds, Hydra's basic launcher."""
+    cwd = tmp_path_factory.mktemp("seed_sweep")
+    out = run_dlfs("train", "-m", "optimizer.lr=0.1,0.01", "seed=1,2", *BOSTON, "hydra.sweep.dir=sweep", cwd=cwd)
+    return cwd / "sweep", out
+
+
+def test_a_sweep_ends_with_summary_csv_ranked_by_the_metric(seed_sweep) -> None:
+    sweep, out = seed_sweep
+    assert out.returncode == 0, out.stderr
+    rows = read_csv(sweep / "summary.csv")
+    assert [r["job"] for r in rows] == ["0", "1", "2", "3"]
+    assert [(r["optimizer.lr"], r["seed"]) for r in rows] == [("0.1", "1"), ("0.1", "2"), ("0.01", "1"), ("0.01", "2")]
+    for r in rows:
+        assert r["status"] == "completed" and r["epochs"] == "2" and float(r["duration_s"]) > 0
+        summary = json.loads((Path(r["run_dir"]) / "summary.json").read_text())
+        assert float(r["test_mse"]) == pytest.approx(summary["metrics"]["test_mse"], rel=1e-5)
+    # the printed table: best (lowest test_loss) first
+    ranked = sorted(rows, key=lambda r: float(r["test_loss"]))
+    table = [line for line in out.stdout.splitlines() if line.startswith("│") and "completed" in line]
+    assert [line.split("│")[2].strip() for line in table[:4]] == [r["job"] for r in ranked]
+    assert "best first by test_loss (lowest)" in out.stdout
+
+
+def test_seeds_of_one_setting_are_aggregated(seed_sweep) -> None:
+    sweep, out = seed_sweep
+    rows = read_csv(sweep / "summary.csv")
+    groups = {g["optimizer.lr"]: g for g in read_csv(sweep / "summary_seeds.csv")}
+    assert set(groups) == {"0.1", "0.01"} and all(g["seeds"] == "2" for g in groups.values())
+    mses = [float(r["test_mse"]) for r in rows if r["optimizer.lr"] == "0.01"]
+    assert float(groups["0.01"]["test_mse_mean"]) == pytest.approx(sum(mses) / 2, rel=1e-4)
+    assert float(groups["0.01"]["test_mse_std"]) == pytest.approx(abs(mses[0] - mses[1]) / 2**0.5, rel=1e-3)
+    assert "mean +- std" in out.stdout and " +- " in out.stdout
+
+
+def test_dlfs_runs_lists_the_jobs_with_their_overrides_and_metrics(seed_sweep, capsys) -> None:
+    sweep, _ = seed_sweep
+    list_runs([str(sweep), "--sort", "test_mse"])
+    text = capsys.readouterr().out
+    assert "4 run(s)" in text
+    header = next(line for line in text.splitlines() if "optimizer.lr" in line)
+    assert all(k in header for k in ("seed", "test_mse", "status", "model", "started"))
+    lines = [line for line in text.splitlines() if "boston" in line]
+    mses = [float(line.split("│")[header.split("┃").index(" test_mse ")].strip()) for line in lines]
+    assert len(lines) == 4 and mses == sorted(mses)
+
+    list_runs([str(sweep.parent), "--status", "diverged"])
+    assert "0 run(s)" in capsys.readouterr().out
+    list_runs([str(sweep.parent), "--model", "boston", "--limit", "1"])
+    assert "1 run(s)" in capsys.readouterr().out
+
+
+def test_dlfs_runs_refuses_what_it_cannot_do(tmp_path: Path) -> None:
+    out = run_dlfs("runs", "nowhere", cwd=tmp_path)
+    assert out.returncode == 2 and "nowhere: no such folder" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_finished_sweep_folder_is_not_overwritten(seed_sweep) -> None:
+    sweep, _ = seed_sweep
+    out = run_dlfs("train", "-m", "optimizer.lr=0.5", f"hydra.sweep.dir={sweep}", cwd=sweep.parent)
+    assert out.returncode == 2 and "already holds a sweep" in out.stderr
+    assert len(read_csv(sweep / "summary.csv")) == 4
+
+
+def test_jobs_that_fail_or_diverge_in_parallel_do_not_stop_the_others(tmp_path: Path) -> None:
+    out = run_dlfs(
+        "train", "-m", "optimizer.lr=0.01,1e6,-1", *BOSTON, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+        "hydra.sweep.dir=sweep", cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr + out.stdout
+    assert "2 of the sweep's jobs did not complete (job 1 diverged, job 2 failed)" in out.stderr
+    rows = read_csv(tmp_path / "sweep" / "summary.csv")
+    assert [r["status"] for r in rows] == ["completed", "diverged", "failed"]
+    assert "training diverged" in rows[1]["error"] and "optimizer.lr: -1.0 (must be > 0)" in rows[2]["error"]
+    assert rows[0]["test_mse"] and not rows[1]["test_mse"]
+    # two jobs at a time share the cores
+    cores = len(os.sched_getaffinity(0))
+    threads = json.loads((tmp_path / "sweep" / "0" / "summary.json").read_text())["threads"]
+    assert threads == max(1, cores // 2)
+
+
+def test_ctrl_c_stops_the_sweep_and_keeps_what_ran(tmp_path: Path) -> None:
+    """SIGINT to the terminal's process group: the running job saves last.pt, later jobs are skipped."""
+    cmd = [sys.executable, "-m", "dlfs_cli", "train", "-m", "trainer.epochs=100000", "seed=1,2", "device=cpu"]
+    cmd += ["hydra.sweep.dir=sweep", "figures.enabled=false"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    metrics = tmp_path / "sweep" / "0" / "metrics.csv"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 3):
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "sweep interrupted" in err.decode() and "Traceback" not in err.decode()
+    rows = read_csv(tmp_path / "sweep" / "summary.csv")
+    assert [r["status"] for r in rows] == ["interrupted", "skipped"]
+    assert (tmp_path / "sweep" / "0" / "checkpoints" / "last.pt").exists()
+    assert not (tmp_path / "sweep" / ".stop").exists()
+
+
+@pytest.mark.slow
+def test_submitit_local_launcher_runs_the_jobs_as_processes(tmp_path: Path) -> None:
+    out = run_dlfs(
+        "train", "-m", "seed=1,2", *BOSTON, "hydra/launcher=submitit_local", "hydra.sweep.dir=sweep", cwd=tmp_path
+    )
+    assert out.returncode == 0, out.stderr
+    assert [r["status"] for r in read_csv(tmp_path / "sweep" / "summary.csv")] == ["completed", "completed"]
+    assert (tmp_path / "sweep" / ".submitit").is_dir()  # really submitted through submitit
+
+
+def test_tensorboard_logger_writes_events_that_tensorboard_reads(make_cfg, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(make_cfg(*SMOKE, "logger=tensorboard"), tmp_path / "run")
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    rows = [r for r in read_csv(tmp_path / "run" / "metrics.csv") if r["split"] == "test"]
+    logged = events.Scalars("test/mse")
+    assert [e.step for e in logged] == [int(r["step"]) for r in rows]
+    assert [e.value for e in logged] == pytest.approx([float(r["mse"]) for r in rows], rel=1e-5)
+    assert {"train/loss", "train/lr"} <= set(events.Tags()["scalars"])
+
+
+def test_the_csv_logger_writes_no_event_files(make_cfg, tmp_path: Path) -> None:
+    train(make_cfg(*SMOKE), tmp_path / "run")
+    assert not (tmp_path / "run" / "tensorboard").exists()
