@@ -286,4 +286,4 @@ def _print(sweep: SweepFolder, ranked: list[Run], groups: list[dict], metrics: l
 def _mean_std(mean: float | None, std: float | None) -> str:
     if mean is None:
         return ""
-    return f"{mean:.4g} +- {std:.2g}" if std is not None else f"{mean:.4g}"
+    return f"{mean:.4g} +- {std:.3g}" if std is not None else f"{mean:.4g}"
