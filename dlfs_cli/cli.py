@@ -38,6 +38,10 @@ def _train_app(cfg: DictConfig) -> float | None:
         if multirun:
             sweep.check_not_stopped()
         validate(cfg)  # train() checks again; here it refuses a bad value before torch's ~2 s import
+        if cfg.trainer.nproc > 1 and not _under_torchrun():
+            if multirun:
+                raise DlfsError("trainer.nproc > 1 runs dlfs under torchrun: not as a job of a sweep (-m)")
+            _rerun_under_torchrun(cfg.trainer.nproc, run_dir)
         if cfg.resume is not None:
             if multirun:
                 raise DlfsError("resume= continues one run; it cannot be part of a sweep (-m)")
@@ -66,6 +70,30 @@ def _resume(composed: DictConfig, run_dir: Path) -> float | None:
     return train(cfg, run_dir, resume=True).get("test_loss")
 
 
+def _under_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _rerun_under_torchrun(nproc: int, run_dir: Path) -> NoReturn:
+    """trainer.nproc=N: the same command again as N processes started by torchrun's own launcher (run
+    here, in this process), into the folder Hydra has just made for it."""
+    import torch.distributed.run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = [a for a in sys.argv[1:] if not a.startswith("hydra.run.dir=")]
+    argv = ["--standalone", f"--nproc_per_node={nproc}", "-m", "dlfs_cli", "train", *args, f"hydra.run.dir={run_dir}"]
+    print(f"dlfs: trainer.nproc={nproc}: torchrun {' '.join(argv)}", flush=True)
+    try:
+        torchrun.run(torchrun.parse_args(argv))
+    except SignalException as ex:  # the ranks got the signal too: they stop, save and say so
+        raise SystemExit(128 + int(ex.sigval)) from None
+    except ChildFailedError as ex:
+        rank, failure = ex.get_first_failure()
+        raise SystemExit(failure.exitcode if failure.exitcode > 0 else 1) from None
+    raise SystemExit(0)
+
+
 class UserError(SystemExit):
     """A DlfsError leaving a Hydra task. As a SystemExit it passes through Hydra's job runner, which
     would otherwise print its own "Error executing job" report before ours."""
@@ -77,6 +105,8 @@ class UserError(SystemExit):
 
 def _drop_if_only_hydra_files(run_dir: Path) -> None:
     """A run refused before it began leaves no folder behind (Hydra made one with .hydra/ in it)."""
+    if int(os.environ.get("RANK", "0")) > 0:
+        return  # under torchrun: rank 0's folder, rank 0 cleans it
     if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra"}:
         shutil.rmtree(run_dir)
         cwd = Path.cwd().resolve()
@@ -218,6 +248,16 @@ def _refuse_existing_run(args: list[str]) -> None:
                 _fail(f"{target} already holds a sweep; choose another hydra.sweep.dir")
 
 
+def _join_the_world(args: list[str]) -> list[str]:
+    """Under torchrun: every rank takes rank 0's run folder; only rank 0 writes Hydra's files."""
+    if _is_multirun(args):
+        _fail("a sweep (-m) cannot run under torchrun; run each job with torchrun, or trainer.nproc=N")
+    from dlfs_cli import distributed  # torch: only processes that will train get here
+
+    distributed.agree_on_run_stamp()
+    return args if distributed.world().main else [*args, "hydra.output_subdir=null"]
+
+
 def _is_multirun(args: list[str]) -> bool:
     return "-m" in args or "--multirun" in args
 
@@ -255,6 +295,8 @@ def main(argv: list[str] | None = None) -> None:
         _refuse_existing_run(rest)
         if _is_multirun(rest) and any(a in rest for a in ("--cfg", "-c", "--info", "-i")):
             _fail("--cfg and --info show one job's config: use them without -m")
+        if _under_torchrun():
+            rest = _join_the_world(rest)
 
     app, _ = COMMANDS[command]
     # Hydra reads its arguments from sys.argv. HYDRA_FULL_ERROR makes it raise instead of printing
@@ -265,7 +307,13 @@ def main(argv: list[str] | None = None) -> None:
         app()
         if command == "train" and _is_multirun(rest):
             _finish_sweep()
+        if command == "train" and _under_torchrun():
+            from dlfs_cli import distributed
+
+            distributed.finish()
     except UserError as ex:
+        if int(os.environ.get("RANK", "0")) > 0:
+            sys.exit(ex.code)  # under torchrun rank 0 says it (each rank's log has it too)
         if ex.code == 2:
             _fail(ex.message)
         print(f"dlfs: {ex.message}", file=sys.stderr)  # an interruption: not an error, a stop

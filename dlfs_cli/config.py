@@ -238,6 +238,7 @@ class TrainerConfig:
     log_every: int = 100  # training steps between rows of training loss in metrics.csv
     checkpoint_every: int = 500  # training steps between mid-epoch saves of last.pt (0: epoch ends only)
     deterministic: bool = False  # PyTorch's deterministic algorithms (slower on a GPU)
+    nproc: int = 1  # > 1: data-parallel over N processes on this machine (dlfs re-runs itself under torchrun)
 
 
 @dataclass
@@ -399,6 +400,7 @@ def validate(cfg: DictConfig) -> None:
     _check(t.eval_every >= 1, "trainer.eval_every", t.eval_every, "must be >= 1")
     _check(t.log_every >= 1, "trainer.log_every", t.log_every, "must be >= 1")
     _check(t.checkpoint_every >= 0, "trainer.checkpoint_every", t.checkpoint_every, "must be >= 0 (0: epoch ends only)")
+    _check(t.nproc >= 1, "trainer.nproc", t.nproc, "must be >= 1")
     if t.limit_batches is not None:
         _check(t.limit_batches >= 1, "trainer.limit_batches", t.limit_batches, "must be >= 1 or null")
 

@@ -21,6 +21,7 @@ ALLOWED = (
     "trainer.eval_every",
     "trainer.log_every",
     "trainer.checkpoint_every",
+    "trainer.nproc",
     "device",
     "logger",
     "figures.",

@@ -76,10 +76,12 @@ def _git_commit() -> str | None:
 class RunFolder:
     """Writes the files of one run folder; see README "The run folder"."""
 
-    def __init__(self, path: Path, tensorboard: bool = False, live: bool = True) -> None:
+    def __init__(self, path: Path, tensorboard: bool = False, live: bool = True, rank: int = 0) -> None:
         """tensorboard: also write TensorBoard event files; live: a progress bar on a terminal (not for
-        jobs that run side by side in one terminal)."""
+        jobs that run side by side in one terminal); rank: under torchrun only rank 0 writes the run's
+        files, the others keep only their own log (train.rank<N>.log)."""
         self.path = path
+        self.rank = rank
         self.checkpoints = path / CHECKPOINT_DIR
         self.summary: dict[str, Any] = {}
         self.live = live
@@ -94,9 +96,13 @@ class RunFolder:
         """Write the run's first files; or, resuming from the checkpoint at `resume_step`, keep them,
         dropping any metrics.csv rows recorded after that checkpoint (they will be recorded again)."""
         self.path.mkdir(parents=True, exist_ok=True)
+        self._metrics_columns = ["epoch", "step", "split", "lr", *metric_columns, "elapsed_s"]
+        if self.rank > 0:
+            self._log_to(self.path / f"train.rank{self.rank}.log")
+            self.summary = {"status": "running", **summary}
+            return
         self.checkpoints.mkdir(exist_ok=True)
         OmegaConf.save(cfg, self.path / CONFIG_FILE, resolve=True)
-        self._metrics_columns = ["epoch", "step", "split", "lr", *metric_columns, "elapsed_s"]
         rows: list[list[str]] = []
         if resume_step is not None:
             try:
@@ -113,10 +119,7 @@ class RunFolder:
         buffer = io.StringIO()
         csv.writer(buffer).writerows([self._metrics_columns, *rows])
         write_atomic(self.path / METRICS_FILE, buffer.getvalue())
-        self._log_handler = logging.FileHandler(self.path / LOG_FILE, encoding="utf-8")  # appends
-        self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(self._log_handler)
-        log.setLevel(logging.INFO)
+        self._log_to(self.path / LOG_FILE)
         if self._tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package (checked before)
 
@@ -124,9 +127,17 @@ class RunFolder:
             self._writer = SummaryWriter(str(self.path / TENSORBOARD_DIR), purge_step=resume_step)
         self.update_summary(status="running", **summary)
 
+    def _log_to(self, path: Path) -> None:
+        self._log_handler = logging.FileHandler(path, encoding="utf-8")  # appends
+        self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(self._log_handler)
+        log.setLevel(logging.INFO)
+
     def log_metrics(self, row: Mapping[str, Any]) -> None:
         """Append one row (missing metrics stay empty) and flush, so a crash keeps what was measured."""
         assert self._metrics_columns is not None, "start() first"
+        if self.rank > 0:
+            return
         with open(self.path / METRICS_FILE, "a", newline="") as f:
             csv.writer(f).writerow([_cell(row.get(c)) for c in self._metrics_columns])
         if self._writer is not None:
@@ -138,6 +149,8 @@ class RunFolder:
 
     def update_summary(self, **fields: Any) -> None:
         self.summary.update(fields)
+        if self.rank > 0:
+            return
         write_atomic(self.path / SUMMARY_FILE, json.dumps(self.summary, indent=2) + "\n")
 
     def note(self, message: str) -> None:

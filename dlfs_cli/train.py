@@ -6,6 +6,7 @@ A plain function: the `dlfs train` Hydra app calls it, and so do the tests.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import random
 import signal
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dlfs_cli import __version__
+from dlfs_cli import __version__, distributed
 from dlfs_cli.checkpoint import FORMAT_VERSION, config_hash, describe, load_run_checkpoint
 from dlfs_cli.config import DlfsError, validate
 from dlfs_cli.data import build_data
@@ -40,12 +41,25 @@ def train(
         raise DlfsError("logger=tensorboard needs the tensorboard package: pip install 'dlfs-cli[tensorboard]'")
     if threads is not None:
         torch.set_num_threads(threads)
-    device = resolve_device(cfg.device)
+    world = distributed.world()
+    if world.distributed and cfg.data.get("batching") == "book":
+        raise DlfsError("data.batching=book carries the batch's mean state across ranks: use data.batching=streams")
+    if world.distributed and cfg.trainer.batch_size < world.size:
+        raise DlfsError(f"trainer.batch_size={cfg.trainer.batch_size} is the global batch: at least one row per rank")
+    device = resolve_device(cfg.device, world.local_rank if world.distributed else None)
     set_deterministic(cfg.trainer.deterministic, device)
-    seed_everything(cfg.trainer.seed)
+    # The data order's generator takes the seed itself (the same order on every rank); the global
+    # generators (dropout) differ by rank. Rank 0's are a single process's, and its initial weights
+    # are every rank's (DistributedDataParallel copies them).
+    seed_everything(cfg.trainer.seed + world.rank)
     reconstruct = cfg.model.name in RECONSTRUCTS
     data = build_data(cfg.data, cfg.trainer.batch_size, cfg.trainer.seed, device, reconstruct)
     model = build_model(cfg.model, data.info).to(device)
+    trained: torch.nn.Module = model
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(cfg.optimizer, model)
     scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.trainer.epochs)
     plain_cfg = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
@@ -53,7 +67,7 @@ def train(
 
     # Everything above can refuse the config; only now does the run folder get its files.
     start = time.time()
-    run = RunFolder(run_dir, tensorboard=tensorboard, live=live)
+    run = RunFolder(run_dir, tensorboard=tensorboard and world.main, live=live and world.main, rank=world.rank)
     fields = {
         "model": cfg.model.name,
         "data": cfg.data.name,
@@ -61,7 +75,7 @@ def train(
         "seed": cfg.trainer.seed,
         "device": str(device),
         "deterministic": cfg.trainer.deterministic,
-        "world_size": 1,
+        "world_size": world.size,
         "threads": torch.get_num_threads(),
         "versions": versions(),
     }
@@ -76,7 +90,11 @@ def train(
     metric_columns = metric_names(cfg.loss.name, sequence=data.info.vocab is not None)
     run.start(cfg, fields, metric_columns, resume_step=None if state is None else state["step"])
     duration_before = run.summary.get("duration_s", 0.0) if state is not None else 0.0
-    print_config_tree(cfg)
+    if world.main:
+        print_config_tree(cfg)
+    else:
+        for handler in logging.getLogger().handlers:  # the console: rank 0 speaks for the run
+            handler.setLevel(logging.WARNING)
     log.info(
         "%s %s | %s on %s | %d train / %d test rows from %s",
         "run folder" if state is None else f"resuming at epoch {state['epoch'] + 1}, step {state['step']}:",
@@ -88,7 +106,7 @@ def train(
         data.info.source,
     )
     trainer = Trainer(
-        model,
+        trained,
         optimizer,
         scheduler,
         cfg.loss.name,
@@ -104,6 +122,7 @@ def train(
         limit_batches=cfg.trainer.limit_batches,
         log_every=cfg.trainer.log_every,
         checkpoint_every=cfg.trainer.checkpoint_every,
+        world=world,
     )
     status = "failed"
     try:
@@ -112,7 +131,7 @@ def train(
                 trainer.restore(state)  # last before training: it also restores every random number generator
             metrics = trainer.fit(data.train, data.test, cfg.trainer.epochs, cfg.trainer.eval_every)
             run.update_summary(metrics=metrics)
-            if trainer.stop_signal is None:  # a stop asked for after the last step skips the extras
+            if trainer.stop_signal is None and world.main:  # a stop asked for after the last step skips the extras
                 if cfg.figures.enabled:
                     _figures(run, cfg, model, data, device)
                 if data.info.vocab is not None:
@@ -222,8 +241,11 @@ def _sample(run: RunFolder, cfg: DictConfig, model: torch.nn.Module, vocab: str,
     log.info("sample (%s):\n%s", SAMPLE_FILE, text)
 
 
-def resolve_device(name: str) -> torch.device:
-    """auto picks CUDA, then MPS, then the CPU; asking for one that is not there is an error."""
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """auto picks CUDA, then MPS, then the CPU; asking for one that is not there is an error.
+    Under torchrun, `cuda` (or auto) is the local rank's GPU."""
+    if local_rank is not None and (name == "cuda" or (name == "auto" and torch.cuda.is_available())):
+        name = f"cuda:{local_rank % max(torch.cuda.device_count(), 1)}"
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

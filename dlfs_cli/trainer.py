@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from dlfs_cli.checkpoint import capture_rng, load_weights, restore_rng, save_checkpoint
 from dlfs_cli.config import DlfsError
+from dlfs_cli.distributed import SINGLE, World
 from dlfs_cli.tracking import ProgressDisplay, RunFolder
 
 REGRESSION_METRICS = ["loss", "mse", "rmse", "mae"]
@@ -61,8 +62,9 @@ def carried_state(loader: Iterable) -> CarriedState | None:
     return CarriedState(mode) if mode else None
 
 
-def make_loss(name: str) -> Callable[[Tensor, Tensor], Tensor]:
-    return nn.MSELoss() if name == "mse" else nn.CrossEntropyLoss()  # CrossEntropyLoss takes raw logits
+def make_loss(name: str, reduction: str = "mean") -> Callable[[Tensor, Tensor], Tensor]:
+    # CrossEntropyLoss takes raw logits
+    return nn.MSELoss(reduction=reduction) if name == "mse" else nn.CrossEntropyLoss(reduction=reduction)
 
 
 def model_output(model: nn.Module, x: Tensor, carried: CarriedState | None = None) -> Tensor:
@@ -78,36 +80,46 @@ def model_output(model: nn.Module, x: Tensor, carried: CarriedState | None = Non
 
 @torch.inference_mode()  # no autograd bookkeeping at all (stricter than no_grad)
 def evaluate(
-    model: nn.Module, loader: Iterable, loss_name: str, device: torch.device, limit_batches: int | None = None
+    model: nn.Module,
+    loader: Iterable,
+    loss_name: str,
+    device: torch.device,
+    limit_batches: int | None = None,
+    world: World = SINGLE,
 ) -> dict[str, float]:
-    """Held-out metrics, named test_<metric>, accumulated over the whole split (or limit_batches of it)."""
+    """Held-out metrics, named test_<metric>, accumulated over the whole split (or limit_batches of it);
+    under torchrun each rank measures its rows of every batch and the sums are added up over the ranks."""
     model.eval()
     loss_fn = make_loss(loss_name)
     carried = carried_state(loader)  # its own: evaluation never touches the training state
-    sums: dict[str, Tensor] = {}
-    elements = 0
+    keys = ["loss", "se", "ae"] if loss_name == "mse" else ["loss", "correct"]
+    sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
+    elements, sequence = 0, False
     for x, y in islice(loader, limit_batches):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = world.shard(x).to(device, non_blocking=True), world.shard(y).to(device, non_blocking=True)
+        sequence = y.dim() > 1
+        if y.numel() == 0:
+            continue  # a rank's empty share of a tiny last batch
         out = model_output(model, x, carried)
-        batch = {"loss": loss_fn(out, y) * y.numel()}  # the losses are means over the targets' elements
+        batch = [loss_fn(out, y) * y.numel()]  # the losses are means over the targets' elements
         if loss_name == "mse":
-            batch["se"] = (out - y).square().sum()
-            batch["ae"] = (out - y).abs().sum()
+            batch += [(out - y).square().sum(), (out - y).abs().sum()]
         else:
-            batch["correct"] = (out.argmax(dim=1) == y).sum()
-        for k, v in batch.items():
-            sums[k] = sums.get(k, 0) + v.double()
+            batch += [(out.argmax(dim=1) == y).sum()]
+        sums += torch.stack([v.double() for v in batch])
         elements += y.numel()
+    totals = world.sum(torch.cat([sums, sums.new_tensor([elements])]))
+    values = dict(zip([*keys, "elements"], totals.tolist(), strict=True))  # one host sync per evaluation
+    elements = values["elements"]
     if elements == 0:
         raise DlfsError("the held-out split is empty: nothing to evaluate")
-    values = {k: v.item() for k, v in sums.items()}  # one host sync per evaluation
     metrics = {"loss": values["loss"] / elements}
     if loss_name == "mse":
         metrics["mse"] = values["se"] / elements
         metrics["rmse"] = math.sqrt(metrics["mse"])
         metrics["mae"] = values["ae"] / elements
     else:
-        if y.dim() > 1:  # a prediction at every position of a sequence: characters
+        if sequence:  # a prediction at every position of a sequence: characters
             metrics["bpc"] = metrics["loss"] / math.log(2)  # nats per character -> bits per character
         metrics["accuracy"] = values["correct"] / elements
     return {f"test_{k}": v for k, v in metrics.items()}
@@ -129,12 +141,16 @@ class Trainer:
         limit_batches: int | None = None,
         log_every: int = 100,
         checkpoint_every: int = 0,
+        world: World = SINGLE,
     ) -> None:
-        self.model = model
+        self.model = model  # what trains: under torchrun, a DistributedDataParallel wrapper
+        self.net = getattr(model, "module", model)  # the plain module: evaluated, saved, restored
+        self.world = world
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.loss_name = loss_name
         self.loss_fn = make_loss(loss_name)
+        self.loss_sum_fn = make_loss(loss_name, reduction="sum")  # under torchrun: see _step
         self.device = device
         self.run = run
         self.checkpoint_extra = checkpoint_extra  # config, its hash, vocabulary: saved with every checkpoint
@@ -152,6 +168,7 @@ class Trainer:
         self.sums = self._zero_sums()
         self.elapsed_before = 0.0  # seconds trained before a resume
         self.stop_signal: int | None = None  # set by a signal handler: stop after the current step
+        self._bad_here = False  # under torchrun on a CPU: this rank saw a NaN loss (all ranks stop together)
         self._start = time.monotonic()
         # Divergence, tracked on the device: the first step whose loss was not finite (-1: none yet).
         self._device_step = torch.zeros((), dtype=torch.int64, device=device)
@@ -202,13 +219,11 @@ class Trainer:
         for i, (x, y) in enumerate(islice(loader, self.limit_batches), start=1):
             if i <= skip:
                 continue  # replaying the epoch's order up to where the checkpoint was taken
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = self.loss_fn(model_output(self.model, x, self.carried), y)
-            loss.backward()
-            self.optimizer.step()
+            loss, elements = self._step(x, y)
             self.step, self.batch = self.step + 1, i
-            self._account(loss.detach(), y.numel(), epoch, lr)
+            self._account(loss, elements, epoch, lr)
+            if self.world.distributed:
+                self._agree(epoch, lr)
             if self.step % self.log_every == 0:
                 self._record_train(epoch, lr)
             if self.checkpoint_every and self.step % self.checkpoint_every == 0 and i < last:  # epoch end saves anyway
@@ -221,9 +236,42 @@ class Trainer:
             if progress.due():
                 progress.batch(i, float(sums["epoch"] / sums["epoch_n"]))
         self._stop_if_diverged(epoch, lr)
-        if sums["window_n"]:
+        if self.world.max_ints([sums["window_n"]])[0]:  # any rank: the row's numbers are summed over ranks
             self._record_train(epoch, lr)
-        return float(sums["epoch"] / max(sums["epoch_n"], 1))
+        return self._mean_over_ranks(sums["epoch"], sums["epoch_n"])
+
+    def _step(self, x: Tensor, y: Tensor) -> tuple[Tensor, int]:
+        """One optimizer step on a batch; returns the (detached) mean loss and the targets it was over.
+
+        Under torchrun this rank trains on its rows of the global batch. DistributedDataParallel averages
+        the ranks' gradients, so each rank's loss is its sum over the global batch's size times the world
+        size: the average is then the gradient of the global batch's mean loss, even for uneven shares."""
+        if self.world.distributed:
+            global_elements = y.numel()
+            x, y = self.world.shard(x), self.world.shard(y)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        out = model_output(self.model, x, self.carried)
+        if self.world.distributed:
+            loss_sum = self.loss_sum_fn(out, y)
+            (loss_sum * (self.world.size / global_elements)).backward()
+            loss = loss_sum.detach() / max(y.numel(), 1)
+        else:
+            loss = self.loss_fn(out, y)
+            loss.backward()
+            loss = loss.detach()
+        self.optimizer.step()
+        return loss, y.numel()
+
+    def _agree(self, epoch: int, lr: float) -> None:
+        """Under torchrun, after every step: a stop asked of any rank (a signal) or a NaN loss seen by any
+        rank (on a CPU) stops every rank at this same step; a rank stopping alone would leave the others
+        waiting in the next gradient exchange. Two integers over gloo: no wait for a GPU."""
+        signum, bad = self.world.max_ints([self.stop_signal or 0, int(self._bad_here)])
+        if bad:
+            raise Diverged(epoch, self.step, lr)
+        if signum and self.stop_signal is None:
+            self.stop_signal = signum
 
     def _batches_per_epoch(self, loader: Iterable) -> int:
         return len(loader) if self.limit_batches is None else min(len(loader), self.limit_batches)
@@ -244,7 +292,9 @@ class Trainer:
         if self.device.type == "cpu":
             value = loss.item()
             if not math.isfinite(value):
-                raise Diverged(epoch, self.step, lr)
+                if not self.world.distributed:
+                    raise Diverged(epoch, self.step, lr)
+                self._bad_here = True  # _agree stops every rank
             weighted = value * elements
         else:
             weighted = loss * elements
@@ -257,22 +307,36 @@ class Trainer:
         sums["window_n"] += elements
 
     def _stop_if_diverged(self, epoch: int, lr: float) -> None:
+        """Every rank calls this at the same steps (log, save and epoch points), so under torchrun the
+        ranks agree here on the first bad step any of them saw."""
         bad = int(self._first_bad)  # a host sync; on a CPU the flag is never set (_account checks every step)
+        if self.world.distributed:
+            never = 1 << 62
+            bad = -self.world.max_ints([-(bad if bad >= 0 else never)])[0]  # the minimum over the ranks
+            bad = -1 if bad == never else bad
         if bad >= 0:
             raise Diverged(epoch, bad, lr)
 
     def _record_train(self, epoch: int, lr: float) -> None:
         self._stop_if_diverged(epoch, lr)  # the row's read syncs anyway
         sums = self.sums
-        loss = float(sums["window"] / sums["window_n"])  # the one host sync per log interval
+        loss = self._mean_over_ranks(sums["window"], sums["window_n"])  # the one host sync per log interval
         sums["window"], sums["window_n"] = sums["window"] * 0, 0
         elapsed = time.monotonic() - self._start
         self.run.log_metrics(
             {"epoch": epoch, "step": self.step, "split": "train", "lr": lr, "loss": loss, "elapsed_s": elapsed}
         )
 
+    def _mean_over_ranks(self, total: Tensor | float, n: int) -> float:
+        """A loss summed over n targets, as the mean over every rank's targets."""
+        if not self.world.distributed:
+            return float(total / max(n, 1))
+        both = torch.stack([torch.as_tensor(total, dtype=torch.float64), torch.tensor(float(n), dtype=torch.float64)])
+        total, n = self.world.sum(both.to(self.device)).tolist()
+        return total / max(n, 1)
+
     def _evaluate_and_record(self, loader: Iterable, epoch: int, lr: float) -> dict[str, float]:
-        metrics = evaluate(self.model, loader, self.loss_name, self.device, self.limit_batches)
+        metrics = evaluate(self.net, loader, self.loss_name, self.device, self.limit_batches, self.world)
         if not math.isfinite(metrics["test_loss"]):  # weights went NaN in the last steps: save nothing
             raise Diverged(epoch, self.step, lr)
         self.final = metrics
@@ -287,11 +351,15 @@ class Trainer:
         return metrics
 
     def _save(self, name: str) -> None:
-        carried = self.carried.state if self.carried is not None else None
+        """Every rank calls this at the same points (the state is gathered from them); rank 0 writes."""
+        carried = self._whole_carried_state()
+        sums = self._sums_over_ranks()
+        if not self.world.main:
+            return
         save_checkpoint(
             self.run.checkpoints / name,
             {
-                "model": self.model.state_dict(),
+                "model": self.net.state_dict(),  # plain weights, also from a DistributedDataParallel run
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "epoch": self.epoch,
@@ -302,16 +370,40 @@ class Trainer:
                 "rng": capture_rng(),
                 "data_rng": self.data_rng,
                 "carried": None if carried is None else {"mode": self.carried.mode, "h": carried[0], "c": carried[1]},
-                "sums": self.sums,
+                "sums": sums,
                 "elapsed_s": time.monotonic() - self._start,
                 **self.checkpoint_extra,
             },
         )
         self.run.update_summary(epochs_completed=self.epoch, step=self.step)
 
+    def _whole_carried_state(self) -> tuple[Tensor, Tensor] | None:
+        """The LSTM state of every row of the batch: under torchrun each rank carries its own rows."""
+        state = self.carried.state if self.carried is not None else None
+        if state is None or not self.world.distributed:
+            return state
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * self.world.size
+        dist.all_gather_object(parts, tuple(s.cpu() for s in state))
+        return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+
+    def _sums_over_ranks(self) -> dict[str, Any]:
+        """The running loss sums of the whole world (rank 0 takes them back on a resume)."""
+        if not self.world.distributed:
+            return self.sums
+        keys = ["epoch", "epoch_n", "window", "window_n"]
+        values = [torch.as_tensor(self.sums[k], dtype=torch.float64).to(self.device) for k in keys]
+        total = self.world.sum(torch.stack(values)).tolist()
+        on_device = self.device.type != "cpu"
+        return {
+            k: int(v) if k.endswith("_n") else (torch.tensor(v, dtype=torch.float64) if on_device else v)
+            for k, v in zip(keys, total, strict=True)
+        }
+
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint: weights, optimizer, schedule, position, running sums, every RNG."""
-        load_weights(self.model, state, self.run.checkpoints / "last.pt")
+        load_weights(self.net, state, self.run.checkpoints / "last.pt")
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -319,14 +411,19 @@ class Trainer:
         self.final, self.best_loss = state["metrics"], state["best_loss"]
         self.data_rng = state["data_rng"]
         carried = state["carried"]
-        if carried is not None:
+        if carried is not None:  # the whole batch's rows; under torchrun each rank takes its own
             self.carried = CarriedState(carried["mode"])
-            self.carried.state = (carried["h"].to(self.device), carried["c"].to(self.device))
+            h, c = (self.world.shard(s, dim=1).to(self.device) for s in (carried["h"], carried["c"]))
+            self.carried.state = (h, c)
         sums = state["sums"]
         self.sums = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in sums.items()}
+        if self.world.rank > 0:
+            self.sums = self._zero_sums()  # rank 0 holds the world's sums
         self.elapsed_before = state["elapsed_s"]
         self._device_step.fill_(self.step)
         restore_rng(state["rng"])  # last: nothing may draw a random number between here and the next step
+        if self.world.rank > 0:  # the checkpoint holds rank 0's generators: other ranks draw their own masks
+            torch.manual_seed(self.step * 1009 + self.world.rank)
 
 
 class Diverged(DlfsError):

@@ -1,0 +1,108 @@
+"""Data-parallel training under torchrun (gloo on the CPU): one run folder, rank 0 writes, and two ranks
+train the same model as one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_dlfs
+
+from dlfs_cli.distributed import World
+from dlfs_cli.train import train
+
+# dropout off: with it, each rank draws its own masks and the runs differ by design
+CNN = ["model=mnist_cnn", "data=digits", "model.dropout_keep=1.0", "figures.enabled=false", "device=cpu"]
+
+
+def torchrun(*args: str, cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.run([*cmd, "-m", "dlfs_cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("rows", [32, 29, 1])
+def test_the_ranks_shards_make_up_the_batch(rows: int) -> None:
+    batch = torch.arange(rows * 3).reshape(rows, 3)
+    shards = [World(rank, 2).shard(batch) for rank in range(2)]
+    assert torch.equal(torch.cat(shards), batch)
+    assert abs(len(shards[0]) - len(shards[1])) <= 1
+
+
+def test_two_ranks_write_one_run_folder_and_train_as_one_process(make_cfg, tmp_path: Path) -> None:
+    """The same global batch (trainer.batch_size) over 2 gloo ranks reaches the weights of 1 process:
+    45 steps of digits, the last batch of 29 rows split 15 + 14."""
+    out = torchrun("train", *CNN, "trainer.epochs=1", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = list((tmp_path / "outputs" / "mnist_cnn").iterdir())
+    assert len(runs) == 1  # one folder for both ranks
+    run = runs[0]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["status"] == "completed"
+    assert {p.name for p in run.iterdir()} == {
+        ".hydra", "config.yaml", "metrics.csv", "summary.json", "checkpoints", "train.log", "train.rank1.log"
+    }  # fmt: skip
+    assert out.stdout.count("completed:") == 1  # rank 0 speaks for the run
+
+    single = tmp_path / "single"
+    metrics = train(make_cfg(*CNN, "trainer.epochs=1"), single)
+    ddp = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    one = torch.load(single / "checkpoints" / "last.pt", weights_only=True)
+    assert ddp["step"] == one["step"] == 45
+    assert ddp["model"].keys() == one["model"].keys()  # plain weights: no DistributedDataParallel prefix
+    for name, weights in one["model"].items():
+        torch.testing.assert_close(ddp["model"][name], weights, atol=1e-5, rtol=0)
+    assert summary["metrics"]["test_accuracy"] == metrics["test_accuracy"]
+    assert summary["metrics"]["test_loss"] == pytest.approx(metrics["test_loss"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_rank_with_one_checkpoint_that_resumes_anywhere(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dlfs_cli"]
+    cmd += ["train", *CNN, "trainer.epochs=1000", "hydra.run.dir=run"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = tmp_path / "run" / "metrics.csv"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # to torchrun only, as a scheduler would: it passes it to the ranks
+    _, err = proc.communicate(timeout=120)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "interrupted", err.decode()[-2000:]
+    assert err.decode().count("dlfs: interrupted by SIGTERM") == 1
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert "module.conv1.weight" not in state["model"]
+
+    # continued by one process, to the end of the next epoch
+    done = summary["epochs_completed"] + 1
+    out = run_dlfs("train", "resume=run", f"trainer.epochs={done}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_trainer_nproc_reruns_itself_under_torchrun(tmp_path: Path) -> None:
+    out = run_dlfs("train", *CNN, "trainer.epochs=1", "trainer.nproc=2", "hydra.run.dir=run", cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "torchrun --standalone --nproc_per_node=2" in out.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["status"] == "completed"
+
+
+def test_what_data_parallel_refuses(tmp_path: Path) -> None:
+    out = run_dlfs("train", "-m", "trainer.nproc=2", "seed=1,2", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert out.returncode == 2 and "job 0 failed, job 1 failed" in out.stderr
+    assert (
+        "trainer.nproc > 1 runs dlfs under torchrun: not as a job of a sweep"
+        in (tmp_path / "sweep/summary.csv").read_text()
+    )
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    out = run_dlfs("train", "-m", "seed=1,2", cwd=tmp_path, env=env)
+    assert out.returncode == 2 and "a sweep (-m) cannot run under torchrun" in out.stderr
+    assert os.environ.get("WORLD_SIZE") is None
