@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-dlfs
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow lint clean
+.PHONY: help install train test test-slow lint reproduce clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ test: install ## the fast offline tests
 
 test-slow: install ## the slow tests only
 	$(BIN)/python -m pytest -q -m slow $(ARGS)
+
+reproduce: install ## `dlfs reproduce`: the book's chapter-7 table, re-run (non-zero exit when a number misses)
+	$(BIN)/dlfs reproduce $(ARGS)
 
 lint: install ## ruff
 	$(BIN)/ruff check dlfs_cli tests

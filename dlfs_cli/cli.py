@@ -55,6 +55,10 @@ def _train_app(cfg: DictConfig) -> float | None:
             return sweep.job_failed(run_dir, cfg, ex)
         _drop_if_only_hydra_files(run_dir)
         raise UserError(str(ex), getattr(ex, "exit_code", 2)) from None
+    except Exception as ex:  # a crash (train() has logged its traceback): in a sweep, one job's alone
+        if multirun:
+            return sweep.job_failed(run_dir, cfg, ex)
+        raise
     return metrics.get("test_loss")  # what Hydra's sweepers minimise
 
 
@@ -156,6 +160,24 @@ def _generate_app(cfg: DictConfig) -> None:
         raise UserError(str(ex)) from None
 
 
+# --- reproduce -------------------------------------------------------------------------------
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="reproduce")
+def _reproduce_app(cfg: DictConfig) -> None:
+    out = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        check_device(cfg.device)
+        from dlfs_cli.reproduce import reproduce
+
+        code = reproduce(cfg, out)
+    except DlfsError as ex:
+        _drop_if_only_hydra_files(out)
+        raise UserError(str(ex), getattr(ex, "exit_code", 2)) from None
+    if code:
+        raise UserError(f"the reproduction did not hold: see {out / 'REPORT.md'}", code)
+
+
 # --- runs ------------------------------------------------------------------------------------
 
 
@@ -165,12 +187,13 @@ def _runs_app() -> None:
     list_runs(sys.argv[1:])
 
 
-# --- the command table: later commands (reproduce) go here ------------------------------------
+# --- the command table -------------------------------------------------------------------------
 
 COMMANDS: dict[str, tuple[Callable[[], object], str]] = {
     "train": (_train_app, "train a model (a Hydra app: KEY=VALUE overrides, -m, --cfg job, --help)"),
     "eval": (_eval_app, "recompute a run's held-out metrics from its checkpoint: dlfs eval run=<folder>"),
     "generate": (_generate_app, "sample text from a trained lstm_charmodel run: dlfs generate run=<folder>"),
+    "reproduce": (_reproduce_app, "re-run the book's chapter-7 table and compare: dlfs reproduce [quick=true]"),
     "runs": (_runs_app, "list past runs and sweep jobs as a table: dlfs runs [PATH] [--model M] [--sort KEY]"),
 }
 
@@ -211,8 +234,10 @@ def explain(ex: BaseException) -> str:
             return f"unknown key '{key}'{_did_you_mean(cause)}"
         first = str(cause).splitlines()[0]
         return f"invalid value for {key}: {first}"
-    first = next((line for line in str(ex).splitlines() if line.strip()), type(ex).__name__)
-    return first.strip()
+    lines = [line.strip() for line in str(ex).splitlines() if line.strip()] or [type(ex).__name__]
+    if lines[0].endswith(":") and len(lines) > 1:  # "... raised while composing config:" then the reason
+        return f"{lines[0]} {lines[1]}"
+    return lines[0]
 
 
 def _did_you_mean(ex: OmegaConfBaseException) -> str:
@@ -314,8 +339,9 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as ex:
         if int(os.environ.get("RANK", "0")) > 0:
             sys.exit(ex.code)  # under torchrun rank 0 says it (each rank's log has it too)
-        if ex.code == 2:
-            _fail(ex.message)
+        if ex.code in (1, 2):
+            print(f"dlfs: error: {ex.message}", file=sys.stderr)
+            sys.exit(ex.code)
         print(f"dlfs: {ex.message}", file=sys.stderr)  # an interruption: not an error, a stop
         sys.exit(ex.code)
     except DlfsError as ex:  # a failed job of a sweep, once Hydra has run them all
@@ -326,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
         if command != "train" or not _is_multirun(rest) or sweep.SweepFolder.current is None:
             raise
         _finish_sweep_quietly()
-        _fail(f"the sweep stopped: {type(ex).__name__}: {explain(ex)}")
+        _fail(f"the sweep ended early: {type(ex).__name__}: {explain(ex)}")
     except KeyboardInterrupt as ex:
         print("dlfs: aborted", file=sys.stderr)
         if command == "train" and _is_multirun(rest):

@@ -276,6 +276,37 @@ class EvalConfig:
     device: str | None = None  # None: the device setting the run was trained with
 
 
+@dataclass
+class Target:
+    """One number the book printed, and how close a reproduction must come to it."""
+
+    experiment: str = MISSING  # an experiment/ preset: the book's settings
+    metric: str = MISSING  # a held-out metric of summary.json
+    book: float = MISSING  # what the book printed
+    at_most: float | None = None  # pass when our mean is <= this (losses, errors)
+    at_least: float | None = None  # pass when our mean is >= this (accuracies)
+    improved: str | None = None  # an experiment/ preset of ours, for the "beyond the book" table
+
+
+@dataclass
+class ReproduceDataConfig:
+    root: str = "~/.cache/dlfs"  # where MNIST is (or is downloaded to)
+
+
+@dataclass
+class ReproduceConfig:
+    """`dlfs reproduce`: the book's chapter-7 numbers, re-run and compared."""
+
+    only: list[str] | None = None  # experiment names to run (default: all targets)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    device: str = "auto"
+    quick: bool = False  # tiny offline data: checks the machinery, not the book's numbers
+    improved: bool = True  # also run our improved presets: the "beyond the book" table
+    data: ReproduceDataConfig = field(default_factory=ReproduceDataConfig)
+    targets: list[Target] = field(default_factory=list)
+    quick_overrides: dict[str, list[str]] = field(default_factory=dict)  # per experiment, for quick=true
+
+
 LOSSES = ("mse", "cross_entropy")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -332,6 +363,7 @@ def register_configs() -> None:
     cs.store(name="schema_train", node=TrainConfig)
     cs.store(name="schema_eval", node=EvalConfig)
     cs.store(name="schema_generate", node=GenerateConfig)
+    cs.store(name="schema_reproduce", node=ReproduceConfig)
     for group, schemas in SCHEMAS.items():
         for name, node in schemas.items():
             cs.store(name=f"schema_{group}_{name}", node=node)

@@ -131,7 +131,7 @@ class Skipped(DlfsError):
     pass
 
 
-def job_failed(run_dir: Path, cfg: DictConfig, ex: DlfsError) -> float:
+def job_failed(run_dir: Path, cfg: DictConfig, ex: Exception) -> float:
     """Record a job that did not complete and let the sweep go on.
 
     train() has written the run's status (failed, diverged, interrupted) into summary.json; a job
@@ -139,7 +139,8 @@ def job_failed(run_dir: Path, cfg: DictConfig, ex: DlfsError) -> float:
     (Optuna records such a trial as failed) instead of an exception that would end the sweep."""
     if not (run_dir / SUMMARY_FILE).exists():
         status = "skipped" if isinstance(ex, Skipped) else "failed"
-        summary = {"status": status, "error": str(ex), "model": cfg.model.name, "data": cfg.data.name}
+        error = str(ex) if isinstance(ex, DlfsError) else f"{type(ex).__name__}: {ex}"
+        summary = {"status": status, "error": error, "model": cfg.model.name, "data": cfg.data.name}
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     if getattr(ex, "exit_code", 2) != 2 and in_process():  # a signal to this process, which runs the next jobs

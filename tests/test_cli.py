@@ -72,10 +72,18 @@ print("HEAVY", heavy)
         ("+trainer.patience=3", "unknown key 'trainer.patience'"),
         ("optimizer.lr=[1", "cannot parse override 'optimizer.lr=[1'"),
         ("data.path=missing.csv", "no such file: missing.csv"),
+        ("logger=wandb", "invalid value for logger: Invalid value 'wandb', expected one of [csv, tensorboard]"),
+        ("trainer.nproc=0", "invalid value for trainer.nproc: 0 (must be >= 1)"),
+        # an experiment's keys that the chosen option does not have: the reason, on the same line
+        (
+            "experiment=book_boston optimizer=adam",
+            "In 'experiment/book_boston': ConfigKeyError raised while composing config: "
+            "Key 'momentum' not in 'AdamConfig'",
+        ),
     ],
 )
 def test_bad_input_is_one_line_non_zero_and_leaves_no_run(tmp_path: Path, override: str, message: str) -> None:
-    out = run_dlfs("train", override, cwd=tmp_path)
+    out = run_dlfs("train", *override.split(), cwd=tmp_path)
     assert out.returncode != 0
     assert "Traceback" not in out.stderr + out.stdout
     assert out.stderr.strip().splitlines() == [f"dlfs: error: {out.stderr.strip().removeprefix('dlfs: error: ')}"]
