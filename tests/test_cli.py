@@ -129,23 +129,6 @@ def test_two_runs_started_together_get_two_folders(tmp_path: Path) -> None:
     assert all(json.loads((r / "summary.json").read_text())["status"] == "completed" for r in runs)
 
 
-def test_multirun_sweeps_each_value_into_its_own_folder(tmp_path: Path) -> None:
-    out = run_dlfs("train", "-m", "optimizer.lr=0.01,0.001", "trainer.epochs=1", "hydra.sweep.dir=sweep", cwd=tmp_path)
-    assert out.returncode == 0, out.stderr
-    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
-    assert [p.name for p in jobs] == ["0", "1"]
-    lrs = [json.loads((j / "summary.json").read_text())["status"] for j in jobs]
-    assert lrs == ["completed", "completed"]
-    assert "optimizer.lr=0.001" in (jobs[1] / ".hydra" / "overrides.yaml").read_text()
-
-
-def test_a_failing_job_does_not_stop_the_sweep(tmp_path: Path) -> None:
-    out = run_dlfs("train", "-m", "optimizer.lr=1e6,0.01", "trainer.epochs=1", "hydra.sweep.dir=sweep", cwd=tmp_path)
-    assert out.returncode != 0 and "diverged" in out.stderr and "Traceback" not in out.stderr
-    statuses = [json.loads((tmp_path / "sweep" / job / "summary.json").read_text())["status"] for job in ("0", "1")]
-    assert statuses == ["diverged", "completed"]
-
-
 def test_python_m_and_info(tmp_path: Path) -> None:
     out = run_dlfs("train", "--info", cwd=tmp_path)
     assert out.returncode == 0 and "Config search path" in out.stdout

@@ -39,6 +39,8 @@ def test_a_sweep_ends_with_summary_csv_ranked_by_the_metric(seed_sweep) -> None:
     assert out.returncode == 0, out.stderr
     rows = read_csv(sweep / "summary.csv")
     assert [r["job"] for r in rows] == ["0", "1", "2", "3"]
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1", "2", "3"]  # a folder per job
+    assert "optimizer.lr=0.01" in (sweep / "3" / ".hydra" / "overrides.yaml").read_text()
     assert [(r["optimizer.lr"], r["seed"]) for r in rows] == [("0.1", "1"), ("0.1", "2"), ("0.01", "1"), ("0.01", "2")]
     for r in rows:
         assert r["status"] == "completed" and r["epochs"] == "2" and float(r["duration_s"]) > 0
