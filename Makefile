@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-dlfs
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow lint reproduce clean
+.PHONY: help install train test test-slow lint reproduce bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ test-slow: install ## the slow tests only
 
 reproduce: install ## `dlfs reproduce`: the book's chapter-7 table, re-run (non-zero exit when a number misses)
 	$(BIN)/dlfs reproduce $(ARGS)
+
+bench: install ## the benchmarks (tests/benchmarks; about 15 minutes) and the table of speed targets
+	$(BIN)/python tests/benchmarks/run_all.py $(ARGS)
 
 lint: install ## ruff
 	$(BIN)/ruff check dlfs_cli tests

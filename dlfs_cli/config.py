@@ -62,6 +62,11 @@ class Direction(str, Enum):
     maximize = "maximize"
 
 
+class Precision(str, Enum):
+    fp32 = "fp32"  # float32 throughout: the book's numbers
+    bf16 = "bf16"  # forward passes under bfloat16 autocast (CPU and CUDA): faster, slightly different numbers
+
+
 class Pipeline(str, Enum):
     tensor = "tensor"  # each split held whole as one uint8 tensor, scaled per batch (fast)
     torchvision = "torchvision"  # the book's PIL -> ToTensor -> Normalize through a DataLoader
@@ -239,6 +244,11 @@ class TrainerConfig:
     checkpoint_every: int = 500  # training steps between mid-epoch saves of last.pt (0: epoch ends only)
     deterministic: bool = False  # PyTorch's deterministic algorithms (slower on a GPU)
     nproc: int = 1  # > 1: data-parallel over N processes on this machine (dlfs re-runs itself under torchrun)
+    # speed switches, off by default (see README, Performance)
+    precision: Precision = Precision.fp32
+    channels_last: bool = False  # convolutions in NHWC memory layout (often faster on CPUs and tensor cores)
+    compile: bool = False  # torch.compile the model (a one-off compilation first)
+    cudnn_benchmark: bool = False  # CUDA: let cuDNN time its algorithms for these shapes (not with deterministic)
 
 
 @dataclass

@@ -48,6 +48,8 @@ def train(
         raise DlfsError(f"trainer.batch_size={cfg.trainer.batch_size} is the global batch: at least one row per rank")
     device = resolve_device(cfg.device, world.local_rank if world.distributed else None)
     set_deterministic(cfg.trainer.deterministic, device)
+    if cfg.trainer.cudnn_benchmark and device.type == "cuda" and not cfg.trainer.deterministic:
+        torch.backends.cudnn.benchmark = True  # picks the fastest kernels for these shapes on first use
     # The data order's generator takes the seed itself (the same order on every rank); the global
     # generators (dropout) differ by rank. Rank 0's are a single process's, and its initial weights
     # are every rank's (DistributedDataParallel copies them).
@@ -55,11 +57,15 @@ def train(
     reconstruct = cfg.model.name in RECONSTRUCTS
     data = build_data(cfg.data, cfg.trainer.batch_size, cfg.trainer.seed, device, reconstruct)
     model = build_model(cfg.model, data.info).to(device)
+    if cfg.trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # 4-d weights NHWC; the batches follow in the trainer
     trained: torch.nn.Module = model
     if world.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.trainer.compile:
+        trained = torch.compile(trained)  # what trains; `model` (the same weights) is evaluated and saved
     optimizer = build_optimizer(cfg.optimizer, model)
     scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.trainer.epochs)
     plain_cfg = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
@@ -123,6 +129,8 @@ def train(
         log_every=cfg.trainer.log_every,
         checkpoint_every=cfg.trainer.checkpoint_every,
         world=world,
+        bf16=cfg.trainer.precision == "bf16",
+        channels_last=cfg.trainer.channels_last,
     )
     status = "failed"
     try:

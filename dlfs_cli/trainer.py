@@ -50,7 +50,7 @@ class CarriedState:
         return (h, c) if h.shape[1] == batch_size else None
 
     def keep(self, state: tuple[Tensor, Tensor]) -> None:
-        h, c = (s.detach() for s in state)
+        h, c = (s.detach().float() for s in state)  # float32 also after a bf16 autocast step
         if self.mode == "mean":
             h, c = h.mean(dim=1, keepdim=True), c.mean(dim=1, keepdim=True)
         self.state = (h, c)
@@ -78,6 +78,22 @@ def model_output(model: nn.Module, x: Tensor, carried: CarriedState | None = Non
     return out[0] if isinstance(out, tuple) else out
 
 
+def plain_module(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's and DistributedDataParallel's wrappers (same weights)."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return getattr(model, "module", model)  # DistributedDataParallel
+
+
+def autocast(device: torch.device, bf16: bool) -> torch.autocast:
+    """trainer.precision=bf16: the forward pass and the loss under bfloat16 autocast (the loss itself and
+    the reductions stay in float32: autocast's own lists); a no-op for fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def to_layout(x: Tensor, channels_last: bool) -> Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
 @torch.inference_mode()  # no autograd bookkeeping at all (stricter than no_grad)
 def evaluate(
     model: nn.Module,
@@ -86,6 +102,8 @@ def evaluate(
     device: torch.device,
     limit_batches: int | None = None,
     world: World = SINGLE,
+    bf16: bool = False,
+    channels_last: bool = False,
 ) -> dict[str, float]:
     """Held-out metrics, named test_<metric>, accumulated over the whole split (or limit_batches of it);
     under torchrun each rank measures its rows of every batch and the sums are added up over the ranks."""
@@ -100,8 +118,10 @@ def evaluate(
         sequence = y.dim() > 1
         if y.numel() == 0:
             continue  # a rank's empty share of a tiny last batch
-        out = model_output(model, x, carried)
-        batch = [loss_fn(out, y) * y.numel()]  # the losses are means over the targets' elements
+        with autocast(device, bf16):
+            out = model_output(model, to_layout(x, channels_last), carried)
+            batch = [loss_fn(out, y) * y.numel()]  # the losses are means over the targets' elements
+        out = out.float()
         if loss_name == "mse":
             batch += [(out - y).square().sum(), (out - y).abs().sum()]
         else:
@@ -142,10 +162,13 @@ class Trainer:
         log_every: int = 100,
         checkpoint_every: int = 0,
         world: World = SINGLE,
+        bf16: bool = False,
+        channels_last: bool = False,
     ) -> None:
-        self.model = model  # what trains: under torchrun, a DistributedDataParallel wrapper
-        self.net = getattr(model, "module", model)  # the plain module: evaluated, saved, restored
+        self.model = model  # what trains: maybe wrapped by DistributedDataParallel and/or torch.compile
+        self.net = plain_module(model)  # the plain module: evaluated, saved, restored
         self.world = world
+        self.bf16, self.channels_last = bf16, channels_last
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.loss_name = loss_name
@@ -251,13 +274,13 @@ class Trainer:
             x, y = self.world.shard(x), self.world.shard(y)
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        out = model_output(self.model, x, self.carried)
+        with autocast(self.device, self.bf16):
+            out = model_output(self.model, to_layout(x, self.channels_last), self.carried)
+            loss = (self.loss_sum_fn if self.world.distributed else self.loss_fn)(out, y)
         if self.world.distributed:
-            loss_sum = self.loss_sum_fn(out, y)
-            (loss_sum * (self.world.size / global_elements)).backward()
-            loss = loss_sum.detach() / max(y.numel(), 1)
+            (loss * (self.world.size / global_elements)).backward()
+            loss = loss.detach() / max(y.numel(), 1)
         else:
-            loss = self.loss_fn(out, y)
             loss.backward()
             loss = loss.detach()
         self.optimizer.step()
@@ -336,7 +359,9 @@ class Trainer:
         return total / max(n, 1)
 
     def _evaluate_and_record(self, loader: Iterable, epoch: int, lr: float) -> dict[str, float]:
-        metrics = evaluate(self.net, loader, self.loss_name, self.device, self.limit_batches, self.world)
+        metrics = evaluate(
+            self.net, loader, self.loss_name, self.device, self.limit_batches, self.world, self.bf16, self.channels_last
+        )
         if not math.isfinite(metrics["test_loss"]):  # weights went NaN in the last steps: save nothing
             raise Diverged(epoch, self.step, lr)
         self.final = metrics

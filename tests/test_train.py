@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +138,61 @@ def test_cuda_without_cuda_is_refused_before_anything_is_written(make_cfg, tmp_p
     with pytest.raises(DlfsError, match="CUDA is not available"):
         train(make_cfg("device=cuda"), tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def _watch_model(monkeypatch) -> dict[str, object]:
+    """Record what the first convolution sees and makes, through the model that train() builds."""
+    import dlfs_cli.train as train_module
+
+    seen: dict[str, object] = {}
+    build = train_module.build_model
+
+    def build_and_watch(cfg, info):
+        model = build(cfg, info)
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+
+        def hook(module, inputs, output):
+            if module.training:
+                seen["input_channels_last"] = inputs[0].is_contiguous(memory_format=torch.channels_last)
+                seen["output_dtype"] = output.dtype
+
+        conv.register_forward_hook(hook)
+        seen["model"] = model
+        return model
+
+    monkeypatch.setattr(train_module, "build_model", build_and_watch)
+    return seen
+
+
+DIGITS_SMOKE = ["model=mnist_cnn", "data=digits", "trainer.epochs=1", "trainer.limit_batches=3", "device=cpu"]
+
+
+def test_precision_bf16_runs_the_forward_pass_in_bfloat16(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    seen = _watch_model(monkeypatch)
+    metrics = train(make_cfg(*DIGITS_SMOKE, "trainer.precision=bf16"), tmp_path / "run")
+    assert seen["output_dtype"] == torch.bfloat16 and math.isfinite(metrics["test_loss"])
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert all(w.dtype == torch.float32 for w in state["model"].values())  # the weights stay float32
+    plain = _watch_model(monkeypatch)
+    train(make_cfg(*DIGITS_SMOKE), tmp_path / "plain")
+    assert plain["output_dtype"] == torch.float32  # the default is the book's float32
+
+
+def test_channels_last_lays_the_convolutions_out_nhwc(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    seen = _watch_model(monkeypatch)
+    train(make_cfg(*DIGITS_SMOKE, "trainer.channels_last=true"), tmp_path / "run")
+    conv = next(m for m in seen["model"].modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and seen["input_channels_last"]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
+
+
+def test_cudnn_benchmark_is_left_alone_off_cuda(make_cfg, tmp_path: Path) -> None:
+    train(make_cfg(*SMOKE, "trainer.cudnn_benchmark=true"), tmp_path / "run")
+    assert torch.backends.cudnn.benchmark is False  # a CUDA switch: nothing to do on the CPU
+
+
+@pytest.mark.slow
+def test_compile_trains_and_saves_plain_weights(make_cfg, tmp_path: Path) -> None:
+    metrics = train(make_cfg(*DIGITS_SMOKE, "trainer.compile=true"), tmp_path / "run")
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert math.isfinite(metrics["test_loss"]) and not any("_orig_mod" in k for k in state["model"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -57,6 +58,15 @@ def report(
     text = "\n".join(lines)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / file).write_text(text + "\n")
+    sides = {}
+    for name, rows in results.items():
+        ratios = [x[ratio_of] / b[ratio_of] for x, b in zip(rows, base_rows, strict=True)]
+        sides[name] = {c: statistics.median(x[c] for x in rows) for c in columns} | {"ratio": statistics.median(ratios)}
+    (RESULTS / file).with_suffix(".json").write_text(
+        json.dumps(
+            {"title": title, "date": time.strftime("%Y-%m-%d %H:%M"), "rounds": rounds, "sides": sides}, indent=2
+        )
+    )
     return text
 
 
