@@ -40,7 +40,7 @@ def test_models_are_the_books() -> None:
     cnn = MNIST_ConvNet()
     assert cnn(torch.randn(3, 1, 28, 28)).shape == (3, 10)
     assert cnn.dense1.linear.in_features == 6272  # 8 channels x 28 x 28: no pooling
-    assert cnn.conv1.dropout.keep == pytest.approx(0.8)  # the book's dropout=0.8: nn.Dropout(p=0.2)
+    assert cnn.conv1.dropout.p == pytest.approx(0.2)  # keep 0.8
     ae = Autoencoder()
     recon, code = ae(torch.randn(3, 1, 28, 28))
     assert recon.shape == (3, 1, 28, 28) and code.shape == (3, 28)

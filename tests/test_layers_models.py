@@ -22,18 +22,7 @@ def test_dense_layer_shape_and_activation() -> None:
 def test_dropout_keep_is_a_keep_probability() -> None:
     assert isinstance(DenseLayer(4, 4, dropout_keep=1.0).dropout, nn.Identity)
     dropout = DenseLayer(4, 4, dropout_keep=0.8).dropout
-    assert dropout.keep == pytest.approx(0.8)
-    # the same statistics as nn.Dropout(p=0.2): 80% kept, scaled by 1/0.8, the mean preserved
-    torch.manual_seed(0)
-    x = torch.ones(1_000_000)
-    out = dropout.train()(x)
-    assert (out > 0).float().mean().item() == pytest.approx(0.8, abs=2e-3)
-    assert out.unique().tolist() == pytest.approx([0.0, 1.25])
-    assert out.mean().item() == pytest.approx(1.0, abs=5e-3)
-    x.requires_grad_(True)
-    y = dropout(x)
-    y.sum().backward()
-    assert torch.equal(x.grad, (y > 0).float() * 1.25)  # gradients flow through the kept units only
+    assert isinstance(dropout, nn.Dropout) and dropout.p == pytest.approx(0.2)
 
 
 def test_dropout_follows_train_and_eval_mode() -> None:
