@@ -93,7 +93,7 @@ def _rerun_under_torchrun(nproc: int, run_dir: Path) -> NoReturn:
     except SignalException as ex:  # the ranks got the signal too: they stop, save and say so
         raise SystemExit(128 + int(ex.sigval)) from None
     except ChildFailedError as ex:
-        rank, failure = ex.get_first_failure()
+        _, failure = ex.get_first_failure()
         raise SystemExit(failure.exitcode if failure.exitcode > 0 else 1) from None
     raise SystemExit(0)
 
@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(ex.code)
         print(f"dlfs: {ex.message}", file=sys.stderr)  # an interruption: not an error, a stop
         sys.exit(ex.code)
-    except DlfsError as ex:  # a failed job of a sweep, once Hydra has run them all
+    except DlfsError as ex:  # from a command that is not a Hydra app (dlfs runs)
         _fail(str(ex))
     except (HydraException, OmegaConfBaseException) as ex:
         _fail(explain(ex))
