@@ -34,7 +34,7 @@ test-slow: install ## the slow tests only
 reproduce: install ## `dlfs reproduce`: the book's chapter-7 table, re-run (non-zero exit when a number misses)
 	$(BIN)/dlfs reproduce $(ARGS)
 
-bench: install ## the benchmarks (tests/benchmarks; about 15 minutes) and the table of speed targets
+bench: install ## the benchmarks (tests/benchmarks; about 10 minutes) and the table of speed targets
 	$(BIN)/python tests/benchmarks/run_all.py $(ARGS)
 
 lint: install ## ruff
