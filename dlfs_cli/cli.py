@@ -259,15 +259,15 @@ def _run_dir_for_resume(args: list[str]) -> list[str]:
     return [*args, f"hydra.run.dir={paths[0]}", "hydra.output_subdir=null"]
 
 
-def _refuse_existing_run(args: list[str]) -> None:
+def _refuse_existing_run(args: list[str], marker: str = "summary.json") -> None:
     """hydra.run.dir / hydra.sweep.dir pointing at finished runs would overwrite them: refuse before Hydra starts."""
     if any(a.startswith("resume=") for a in args):
         return
     for arg in args:
         key, _, value = arg.partition("=")
         target = Path(value)
-        if key == "hydra.run.dir" and (target / "summary.json").exists():
-            _fail(f"{target} already holds a run (summary.json); choose another hydra.run.dir")
+        if key == "hydra.run.dir" and (target / marker).exists():
+            _fail(f"{target} already holds a run ({marker}); choose another hydra.run.dir")
         if key == "hydra.sweep.dir" and _is_multirun(args) and target.is_dir():
             if (target / sweep.SUMMARY_CSV).exists() or any(target.glob("*/summary.json")):
                 _fail(f"{target} already holds a sweep; choose another hydra.sweep.dir")
@@ -315,6 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
         _fail(f"unknown command '{command}'; valid commands: {', '.join(COMMANDS)}")
+    if command == "reproduce":
+        _refuse_existing_run(rest, marker="report.json")
     if command == "train":
         rest = _run_dir_for_resume(rest)
         _refuse_existing_run(rest)
@@ -352,12 +354,19 @@ def main(argv: list[str] | None = None) -> None:
         if command != "train" or not _is_multirun(rest) or sweep.SweepFolder.current is None:
             raise
         _finish_sweep_quietly()
+        _drop_empty_sweep(sweep.SweepFolder.current.path)
         _fail(f"the sweep ended early: {type(ex).__name__}: {explain(ex)}")
     except KeyboardInterrupt as ex:
         print("dlfs: aborted", file=sys.stderr)
         if command == "train" and _is_multirun(rest):
             _finish_sweep_quietly()
         sys.exit(getattr(ex, "exit_code", 130))
+
+
+def _drop_empty_sweep(path: Path | None) -> None:
+    """A sweep that never started a job (its launcher failed) leaves no folder holding only multirun.yaml."""
+    if path is not None and path.is_dir() and {p.name for p in path.iterdir()} <= {"multirun.yaml"}:
+        shutil.rmtree(path)
 
 
 def _finish_sweep_quietly() -> None:

@@ -99,9 +99,11 @@ def _experiment(cfg: DictConfig, out: Path, name: str, target: Any) -> Result:
         tolerance = f">= {target.at_least:g}"
     result = Result(name, target.metric, target.book, tolerance, runs)
     done = [r.metrics[target.metric] for r in runs if r.status == "completed" and target.metric in r.metrics]
-    if len(done) < len(runs):
-        bad = next(r for r in runs if r.status != "completed")
+    bad = next((r for r in runs if r.status != "completed"), None)
+    if bad is not None:
         result.status = f"{bad.status}: {bad.error}" if bad.error else bad.status
+    elif len(done) < len(runs):
+        result.status = f"failed: no {target.metric} in the runs' metrics (they have {', '.join(runs[0].metrics)})"
     if done:
         result.ours = statistics.fmean(done)
         result.std = statistics.stdev(done) if len(done) > 1 else None
@@ -109,8 +111,6 @@ def _experiment(cfg: DictConfig, out: Path, name: str, target: Any) -> Result:
             ok_max = target.at_most is None or result.ours <= target.at_most
             ok_min = target.at_least is None or result.ours >= target.at_least
             result.passed = ok_max and ok_min
-    if result.status == "completed" and not done:
-        result.status = f"failed: no {target.metric} in the run's metrics"
     if result.passed is None and not result.status.startswith("not run"):
         result.passed = False if result.status != "completed" else None
     return result

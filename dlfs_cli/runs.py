@@ -20,7 +20,7 @@ from dlfs_cli.config import DlfsError
 from dlfs_cli.tracking import SUMMARY_FILE
 
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
-STATUSES = ("completed", "running", "diverged", "interrupted", "failed", "skipped")
+STATUSES = ("completed", "running", "diverged", "interrupted", "failed", "skipped", "unknown")
 # Keys that only pick the random draws: runs that differ in nothing else are seeds of one setting.
 SEED_KEYS = frozenset({"seed", "trainer.seed"})
 # Overrides that say where a run goes or how it is shown, not what it is: left out of the tables.
@@ -46,27 +46,26 @@ class Run:
 
 
 def read_run(path: Path) -> Run | None:
-    """The run in `path`, or None when it is not a run folder. A sweep job that stopped before
-    writing summary.json (the process was killed) is reported as failed."""
+    """The run in `path`, or None when it is not a run folder (another command's folder, like a
+    reproduction's, holds runs instead). A training folder without summary.json yet is `unknown`:
+    starting, or killed before its first file."""
     overrides: dict[str, str] = {}
-    job = None
+    job, command = None, None
     if (path / OVERRIDES_FILE).is_file():
         try:
             for item in yaml.safe_load((path / OVERRIDES_FILE).read_text()) or []:
                 key, _, value = str(item).partition("=")
                 overrides[key.lstrip("+~")] = value
-            job_num = ((yaml.safe_load((path / ".hydra" / "hydra.yaml").read_text()) or {}).get("hydra") or {}).get(
-                "job", {}
-            )
-            job = job_num.get("num")
-        except (OSError, yaml.YAMLError):
+            hydra = (yaml.safe_load((path / ".hydra" / "hydra.yaml").read_text()) or {}).get("hydra") or {}
+            job, command = hydra.get("job", {}).get("num"), hydra.get("job", {}).get("name")
+        except (OSError, yaml.YAMLError, AttributeError):
             pass
     try:
         summary = json.loads((path / SUMMARY_FILE).read_text())
     except FileNotFoundError:
-        if not overrides and not (path / ".hydra").is_dir():
+        if command != "train":
             return None
-        summary = {"status": "failed", "error": "no summary.json: the job ended before it began (killed?)"}
+        summary = {"status": "unknown", "error": "no summary.json: starting, or ended before it began (killed?)"}
     except (OSError, ValueError) as ex:
         summary = {"status": "failed", "error": f"unreadable summary.json: {ex}"}
     return Run(path, summary, overrides, job if isinstance(job, int) else None)
@@ -166,7 +165,8 @@ def list_runs(argv: list[str]) -> int:
         runs = [r for r in runs if r.summary.get("model") == args.model]
     if args.status:
         runs = [r for r in runs if r.status == args.status]
-    columns = {"started", "duration", "epochs", "status", "model", "run", *metric_keys(runs), *varying_keys(runs)}
+    overrides = {k for r in runs for k in r.overrides}
+    columns = {"started", "duration", "epochs", "status", "model", "run", *metric_keys(runs), *overrides}
     if args.sort not in columns and runs:
         raise DlfsError(f"--sort {args.sort}: no such column; valid: {', '.join(sorted(columns))}")
     runs.sort(key=lambda r: _sort_key(r, args.sort), reverse=args.reverse)
@@ -179,6 +179,7 @@ def list_runs(argv: list[str]) -> int:
 
 
 def print_runs(runs: list[Run], root: Path) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table()
@@ -193,7 +194,7 @@ def print_runs(runs: list[Run], root: Path) -> None:
             str(run.path.relative_to(root)) if run.path != root else str(root),
             s.get("model", ""),
             _styled(run.status),
-            *(run.overrides.get(k, "") for k in overrides),
+            *(escape(run.overrides.get(k, "")) for k in overrides),
             *(fmt(run.metrics.get(k)) for k in metrics),
             epochs,
             fmt(s.get("duration_s")),

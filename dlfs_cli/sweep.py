@@ -246,6 +246,7 @@ def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
 
 
 def _print(sweep: SweepFolder, ranked: list[Run], groups: list[dict], metrics: list[str], direction: str) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     assert sweep.path is not None
@@ -262,7 +263,7 @@ def _print(sweep: SweepFolder, ranked: list[Run], groups: list[dict], metrics: l
         table.add_row(
             str(place) if ok else "",
             fmt(r.job),
-            *(r.overrides.get(k, "") for k in keys),
+            *(escape(r.overrides.get(k, "")) for k in keys),
             status,
             *(fmt(r.metrics.get(m)) for m in metrics),
             fmt(r.summary.get("epochs_completed")),
@@ -272,6 +273,9 @@ def _print(sweep: SweepFolder, ranked: list[Run], groups: list[dict], metrics: l
     for r in ranked:
         if r.status != "completed" and r.summary.get("error"):
             console.print(f"  job {fmt(r.job)} {r.status}: {r.summary['error']}", markup=False, highlight=False)
+    if not any(sweep.metric in r.metrics for r in ranked):
+        known = ", ".join(metric_keys(ranked)) or "none"
+        console.print(f"  sweep.metric={sweep.metric}: no job has this metric (they have: {known})", markup=False)
     if groups:
         console.print("the same settings over seeds: mean +- std (n-1)")
         seeds = Table()
@@ -279,7 +283,7 @@ def _print(sweep: SweepFolder, ranked: list[Run], groups: list[dict], metrics: l
             seeds.add_column(name, justify="right" if name in metrics or name == "seeds" else "left")
         for g in groups:
             cells = [_mean_std(*g[m]) for m in metrics]
-            seeds.add_row(*g["setting"].values(), str(g["n"]), *cells)
+            seeds.add_row(*(escape(v) for v in g["setting"].values()), str(g["n"]), *cells)
         console.print(seeds)
     console.print(f"summary: {sweep.path / SUMMARY_CSV}", highlight=False)
 

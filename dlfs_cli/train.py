@@ -48,8 +48,8 @@ def train(
         raise DlfsError(f"trainer.batch_size={cfg.trainer.batch_size} is the global batch: at least one row per rank")
     device = resolve_device(cfg.device, world.local_rank if world.distributed else None)
     set_deterministic(cfg.trainer.deterministic, device)
-    if cfg.trainer.cudnn_benchmark and device.type == "cuda" and not cfg.trainer.deterministic:
-        torch.backends.cudnn.benchmark = True  # picks the fastest kernels for these shapes on first use
+    if device.type == "cuda":  # set either way: the flag is process-wide (an in-process sweep's next job)
+        torch.backends.cudnn.benchmark = cfg.trainer.cudnn_benchmark and not cfg.trainer.deterministic
     # The data order's generator takes the seed itself (the same order on every rank); the global
     # generators (dropout) differ by rank. Rank 0's are a single process's, and its initial weights
     # are every rank's (DistributedDataParallel copies them).
@@ -252,8 +252,15 @@ def _sample(run: RunFolder, cfg: DictConfig, model: torch.nn.Module, vocab: str,
 def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     """auto picks CUDA, then MPS, then the CPU; asking for one that is not there is an error.
     Under torchrun, `cuda` (or auto) is the local rank's GPU."""
+    if local_rank is not None and name.startswith("cuda") and name != "cuda":
+        raise DlfsError(f"device={name}: under torchrun each rank takes its own GPU; use device=cuda or device=auto")
     if local_rank is not None and (name == "cuda" or (name == "auto" and torch.cuda.is_available())):
-        name = f"cuda:{local_rank % max(torch.cuda.device_count(), 1)}"
+        if torch.cuda.is_available() and local_rank >= torch.cuda.device_count():
+            raise DlfsError(
+                f"local rank {local_rank} has no GPU of its own: this machine has {torch.cuda.device_count()}; "
+                "start at most that many processes per machine (trainer.nproc, --nproc_per_node)"
+            )
+        name = f"cuda:{local_rank}"
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

@@ -245,17 +245,18 @@ class Trainer:
             loss, elements = self._step(x, y)
             self.step, self.batch = self.step + 1, i
             self._account(loss, elements, epoch, lr)
-            if self.world.distributed:
-                self._agree(epoch, lr)
+            # under torchrun only a stop that every rank agreed on counts (a signal can land on one rank
+            # at any moment); a single process acts on its own at once
+            stop = self._agree(epoch, lr) if self.world.distributed else self.stop_signal
             if self.step % self.log_every == 0:
                 self._record_train(epoch, lr)
             if self.checkpoint_every and self.step % self.checkpoint_every == 0 and i < last:  # epoch end saves anyway
                 self._stop_if_diverged(epoch, lr)  # never save weights that went NaN
                 self._save("last.pt")
-            if self.stop_signal is not None:
+            if stop is not None:
                 self._stop_if_diverged(epoch, lr)
                 self._save("last.pt")
-                raise Interrupted(self.stop_signal, epoch, i, self.step, self.run.path)
+                raise Interrupted(stop, epoch, i, self.step, self.run.path)
             if progress.due():
                 progress.batch(i, float(sums["epoch"] / sums["epoch_n"]))
         self._stop_if_diverged(epoch, lr)
@@ -286,15 +287,15 @@ class Trainer:
         self.optimizer.step()
         return loss, y.numel()
 
-    def _agree(self, epoch: int, lr: float) -> None:
+    def _agree(self, epoch: int, lr: float) -> int | None:
         """Under torchrun, after every step: a stop asked of any rank (a signal) or a NaN loss seen by any
         rank (on a CPU) stops every rank at this same step; a rank stopping alone would leave the others
-        waiting in the next gradient exchange. Two integers over gloo: no wait for a GPU."""
+        waiting in the next gradient exchange. Returns the agreed stop's signal (None: go on). Two
+        integers over gloo: no wait for a GPU."""
         signum, bad = self.world.max_ints([self.stop_signal or 0, int(self._bad_here)])
         if bad:
             raise Diverged(epoch, self.step, lr)
-        if signum and self.stop_signal is None:
-            self.stop_signal = signum
+        return signum or None
 
     def _batches_per_epoch(self, loader: Iterable) -> int:
         return len(loader) if self.limit_batches is None else min(len(loader), self.limit_batches)

@@ -67,3 +67,22 @@ def test_an_experiment_that_cannot_run_is_reported_and_the_rest_run(mnist_root: 
 def test_reproduce_refuses_unknown_experiments(tmp_path: Path) -> None:
     out = run_dlfs("reproduce", "only=[book_nope]", "hydra.run.dir=repro", cwd=tmp_path)
     assert out.returncode == 2 and "only: unknown experiment book_nope; valid: book_autoencoder" in out.stderr
+
+
+def test_dlfs_runs_lists_the_runs_inside_a_reproduction(quick, capsys) -> None:
+    from dlfs_cli.runs import list_runs
+
+    folder, _ = quick
+    list_runs([str(folder.parent)])
+    text = capsys.readouterr().out
+    assert "8 run(s)" in text and "repro/book_boston/seed0" in text  # not the reproduction's folder itself
+
+
+def test_a_metric_the_runs_lack_fails_its_row_and_a_report_is_not_overwritten(tmp_path: Path) -> None:
+    args = ["reproduce", "quick=true", "only=[book_boston]", "improved=false", "hydra.run.dir=repro"]
+    out = run_dlfs(*args, "targets.0.metric=test_accuracy", cwd=tmp_path)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    (entry,) = json.loads((tmp_path / "repro" / "report.json").read_text())["experiments"]
+    assert entry["status"].startswith("failed: no test_accuracy in the runs' metrics")
+    again = run_dlfs(*args, cwd=tmp_path)
+    assert again.returncode == 2 and "repro already holds a run (report.json)" in again.stderr
