@@ -92,9 +92,9 @@ def _rerun_under_torchrun(nproc: int, run_dir: Path) -> NoReturn:
         torchrun.run(torchrun.parse_args(argv))
     except SignalException as ex:  # the ranks got the signal too: they stop, save and say so
         raise SystemExit(128 + int(ex.sigval)) from None
-    except ChildFailedError as ex:
-        _, failure = ex.get_first_failure()
-        raise SystemExit(failure.exitcode if failure.exitcode > 0 else 1) from None
+    except ChildFailedError as ex:  # a rank's own exit code (a rank stopped by torchrun itself has none)
+        codes = [f.exitcode for _, f in sorted(ex.failures.items()) if f.exitcode > 0]
+        raise SystemExit(codes[0] if codes else 1) from None
     raise SystemExit(0)
 
 
