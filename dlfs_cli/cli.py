@@ -75,7 +75,12 @@ def _resume(composed: DictConfig, run_dir: Path) -> float | None:
 
 
 def _under_torchrun() -> bool:
+    """torchrun's environment (read here without importing torch, which dlfs_cli.distributed needs)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
 
 
 def _rerun_under_torchrun(nproc: int, run_dir: Path) -> NoReturn:
@@ -109,7 +114,7 @@ class UserError(SystemExit):
 
 def _drop_if_only_hydra_files(run_dir: Path) -> None:
     """A run refused before it began leaves no folder behind (Hydra made one with .hydra/ in it)."""
-    if int(os.environ.get("RANK", "0")) > 0:
+    if _rank() > 0:
         return  # under torchrun: rank 0's folder, rank 0 cleans it
     if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra"}:
         shutil.rmtree(run_dir)
@@ -339,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
 
             distributed.finish()
     except UserError as ex:
-        if int(os.environ.get("RANK", "0")) > 0:
+        if _rank() > 0:
             sys.exit(ex.code)  # under torchrun rank 0 says it (each rank's log has it too)
         if ex.code in (1, 2):
             print(f"dlfs: error: {ex.message}", file=sys.stderr)

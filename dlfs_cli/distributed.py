@@ -85,10 +85,6 @@ def world() -> World:
     return World(rank, size, local_rank)
 
 
-def under_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def agree_on_run_stamp() -> None:
     """Rank 0's timestamp for the run folder, given to every rank (before Hydra makes the folder)."""
     w = world()
