@@ -6,6 +6,7 @@ import math
 import signal
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -84,10 +85,11 @@ def plain_module(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)  # DistributedDataParallel
 
 
-def autocast(device: torch.device, bf16: bool) -> torch.autocast:
+def autocast(device: torch.device, bf16: bool) -> AbstractContextManager:
     """trainer.precision=bf16: the forward pass and the loss under bfloat16 autocast (the loss itself and
-    the reductions stay in float32: autocast's own lists); a no-op for fp32."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    the reductions stay in float32: autocast's own lists). For fp32 nothing at all: a disabled autocast
+    still costs ~3 us a step on the training loop's hot path."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def to_layout(x: Tensor, channels_last: bool) -> Tensor:
