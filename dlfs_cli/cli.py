@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,8 +19,9 @@ from hydra.errors import HydraException, MissingConfigException, OverrideParseEx
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from dlfs_cli import __version__, sweep
-from dlfs_cli.config import DlfsError, check_device, conf_dir, register_configs, validate
+from dlfs_cli import __version__, lifecycle, runlock, sweep
+from dlfs_cli.config import check_device, conf_dir, register_configs, validate
+from dlfs_cli.errors import DlfsError, os_error_message
 
 register_configs()
 CONF_DIR = str(conf_dir())
@@ -34,6 +34,20 @@ CONF_DIR = str(conf_dir())
 def _train_app(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = sweep.in_sweep()
+    if multirun:
+        lifecycle.protect_console()  # a job in a launcher's worker process has its own console
+        try:
+            runlock.acquire(run_dir)  # held by this job until it ends (a single run's: since on_run_start)
+        except DlfsError as ex:  # another process writes this folder: record nothing in it
+            return sweep.job_refused(cfg, ex)
+    try:
+        return _train_job(cfg, run_dir, multirun)
+    finally:
+        if multirun:
+            runlock.release(run_dir)
+
+
+def _train_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> float | None:
     try:
         if multirun:
             sweep.check_not_stopped()
@@ -50,11 +64,14 @@ def _train_app(cfg: DictConfig) -> float | None:
 
         threads, live = (sweep.job_threads(), sweep.in_process()) if multirun else (None, True)
         metrics = train(cfg, run_dir, threads=threads, live=live)
-    except DlfsError as ex:
+    except (DlfsError, OSError) as ex:
+        if isinstance(ex, OSError):  # a file the run could not read or write: one line naming it
+            ex = DlfsError(os_error_message(ex))
         if multirun:  # recorded in the job's folder; the other jobs go on
             return sweep.job_failed(run_dir, cfg, ex)
-        _drop_if_only_hydra_files(run_dir)
-        raise UserError(str(ex), getattr(ex, "exit_code", 2)) from None
+        if _rank() == 0:
+            runlock.drop_refused(run_dir)  # only when nothing but Hydra's files and the lock are there
+        raise UserError(str(ex), ex.exit_code) from None
     except Exception as ex:  # a crash (train() has logged its traceback): in a sweep, one job's alone
         if multirun:
             return sweep.job_failed(run_dir, cfg, ex)
@@ -67,6 +84,7 @@ def _resume(composed: DictConfig, run_dir: Path) -> float | None:
 
     cfg = resume_config(composed, list(HydraConfig.get().overrides.task), run_dir)
     if cfg is None:
+        runlock.release(run_dir)
         print(f"dlfs: {run_dir} is already completed; nothing to do (raise trainer.epochs to train on)")
         return None
     from dlfs_cli.train import train
@@ -93,6 +111,7 @@ def _rerun_under_torchrun(nproc: int, run_dir: Path) -> NoReturn:
     args = [a for a in sys.argv[1:] if not a.startswith("hydra.run.dir=")]
     argv = ["--standalone", f"--nproc_per_node={nproc}", "-m", "dlfs_cli", "train", *args, f"hydra.run.dir={run_dir}"]
     print(f"dlfs: trainer.nproc={nproc}: torchrun {' '.join(argv)}", flush=True)
+    os.environ[runlock.PARENT_ENV] = str(run_dir.resolve())  # this process holds the lock for the ranks
     try:
         torchrun.run(torchrun.parse_args(argv))
     except SignalException as ex:  # the ranks got the signal too: they stop, save and say so
@@ -110,19 +129,6 @@ class UserError(SystemExit):
     def __init__(self, message: str, code: int = 2) -> None:
         super().__init__(code)
         self.message = message
-
-
-def _drop_if_only_hydra_files(run_dir: Path) -> None:
-    """A run refused before it began leaves no folder behind (Hydra made one with .hydra/ in it)."""
-    if _rank() > 0:
-        return  # under torchrun: rank 0's folder, rank 0 cleans it
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra"}:
-        shutil.rmtree(run_dir)
-        cwd = Path.cwd().resolve()
-        for parent in run_dir.resolve().parents:  # and the empty folders made for it, below here
-            if parent == cwd or not parent.is_relative_to(cwd) or any(parent.iterdir()):
-                break
-            parent.rmdir()
 
 
 # --- eval ------------------------------------------------------------------------------------
@@ -177,8 +183,8 @@ def _reproduce_app(cfg: DictConfig) -> None:
 
         code = reproduce(cfg, out)
     except DlfsError as ex:
-        _drop_if_only_hydra_files(out)
-        raise UserError(str(ex), getattr(ex, "exit_code", 2)) from None
+        runlock.drop_refused(out)
+        raise UserError(str(ex), ex.exit_code) from None
     if code:
         raise UserError(f"the reproduction did not hold: see {out / 'REPORT.md'}", code)
 
@@ -218,9 +224,9 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def _fail(message: str) -> NoReturn:
+def _fail(message: str, code: int = 2) -> NoReturn:
     print(f"dlfs: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def explain(ex: BaseException) -> str:
@@ -231,7 +237,9 @@ def explain(ex: BaseException) -> str:
         return "hydra/launcher=slurm (and submitit_local) needs hydra-submitit-launcher: pip install 'dlfs-cli[slurm]'"
     if isinstance(ex, MissingConfigException) and ex.options is not None and ex.missing_cfg_file:
         group, _, option = ex.missing_cfg_file.rpartition("/")
-        return f"unknown option {group}={option}; valid choices: {', '.join(sorted(ex.options))}"
+        close = difflib.get_close_matches(option, ex.options, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"unknown option {group}={option}{hint}; valid choices: {', '.join(sorted(ex.options))}"
     cause = ex.__cause__ if isinstance(ex.__cause__, OmegaConfBaseException) else ex
     if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
         key = cause.full_key
@@ -239,6 +247,9 @@ def explain(ex: BaseException) -> str:
             return f"unknown key '{key}'{_did_you_mean(cause)}"
         first = str(cause).splitlines()[0]
         return f"invalid value for {key}: {first}"
+    if "Ambiguous value for argument" in str(ex):  # a,b without -m
+        arg = str(ex).split("'")[1] if str(ex).count("'") >= 2 else "KEY=a,b"
+        return f"{arg} is a list of values: add -m to sweep over them, or write KEY=[a,b] for a list"
     lines = [line.strip() for line in str(ex).splitlines() if line.strip()] or [type(ex).__name__]
     if lines[0].endswith(":") and len(lines) > 1:  # "... raised while composing config:" then the reason
         return f"{lines[0]} {lines[1]}"
@@ -256,26 +267,19 @@ def _did_you_mean(ex: OmegaConfBaseException) -> str:
 
 def _run_dir_for_resume(args: list[str]) -> list[str]:
     """resume=PATH continues that folder in place: Hydra is pointed at it and writes nothing of its own."""
-    paths = [a.split("=", 1)[1] for a in args if a.startswith("resume=")]
-    if not paths or paths[0] in ("", "null"):
+    values = [a.partition("=")[2] for a in args if a.lstrip("+").startswith("resume=")]
+    if not values or values[-1] == "null":
         return args
-    if not Path(paths[0]).is_dir():  # checked before Hydra makes the folder
-        _fail(f"resume={paths[0]}: no such folder")
-    return [*args, f"hydra.run.dir={paths[0]}", "hydra.output_subdir=null"]
-
-
-def _refuse_existing_run(args: list[str], marker: str = "summary.json") -> None:
-    """hydra.run.dir / hydra.sweep.dir pointing at finished runs would overwrite them: refuse before Hydra starts."""
-    if any(a.startswith("resume=") for a in args):
-        return
-    for arg in args:
-        key, _, value = arg.partition("=")
-        target = Path(value)
-        if key == "hydra.run.dir" and (target / marker).exists():
-            _fail(f"{target} already holds a run ({marker}); choose another hydra.run.dir")
-        if key == "hydra.sweep.dir" and _is_multirun(args) and target.is_dir():
-            if (target / sweep.SUMMARY_CSV).exists() or any(target.glob("*/summary.json")):
-                _fail(f"{target} already holds a sweep; choose another hydra.sweep.dir")
+    if _is_multirun(args):
+        _fail("resume= continues one run; it cannot be part of a sweep (-m)")
+    path = values[-1].strip("'\"") if values[-1][:1] in ("'", '"') else values[-1]  # prepare_overrides quoted it
+    if not path:
+        _fail("resume is empty: give the run folder to continue, e.g. resume=outputs/boston/<timestamp>")
+    if not Path(path).is_dir():  # checked before Hydra makes the folder
+        _fail(f"resume={path}: no such folder")
+    if any(a.lstrip("+").startswith(("hydra.run.dir=", "hydra.output_subdir=")) for a in args):
+        _fail("resume= continues a run in its own folder: leave hydra.run.dir and hydra.output_subdir out")
+    return [*args, f"hydra.run.dir={values[-1]}", "hydra.output_subdir=null"]
 
 
 def _join_the_world(args: list[str]) -> list[str]:
@@ -305,11 +309,12 @@ def _finish_sweep() -> None:
         if folder.stopped():  # a stop asked for, not an error
             (folder.path / sweep.STOP_FILE).unlink()
             print(f"dlfs: sweep interrupted: {message}", file=sys.stderr)
-            sys.exit(130)
+            sys.exit(lifecycle.exit_code() or 130)
         _fail(message)
 
 
 def main(argv: list[str] | None = None) -> None:
+    lifecycle.protect_console()  # a console that goes away (| head, a closed terminal) loses only its lines
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
         print(_usage())
@@ -319,14 +324,17 @@ def main(argv: list[str] | None = None) -> None:
         return
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
+        if command.startswith("-") and any(a in COMMANDS for a in rest):
+            _fail(f"put the command first, then its options: dlfs <command> {command} ...")
         _fail(f"unknown command '{command}'; valid commands: {', '.join(COMMANDS)}")
-    if command == "reproduce":
-        _refuse_existing_run(rest, marker="report.json")
+    if command in ("train", "reproduce"):
+        lifecycle.install_for_process()  # SIGINT, SIGTERM, SIGHUP: stop at a safe point, from here to the exit
+    if command != "runs":
+        rest = prepare_overrides(rest, multirun=_is_multirun(rest))
     if command == "train":
-        rest = _run_dir_for_resume(rest)
-        _refuse_existing_run(rest)
         if _is_multirun(rest) and any(a in rest for a in ("--cfg", "-c", "--info", "-i")):
             _fail("--cfg and --info show one job's config: use them without -m")
+        rest = _run_dir_for_resume(rest)
         if _under_torchrun():
             rest = _join_the_world(rest)
 
@@ -336,13 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = [f"dlfs {command}", *rest]
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
-        app()
-        if command == "train" and _is_multirun(rest):
-            _finish_sweep()
-        if command == "train" and _under_torchrun():
-            from dlfs_cli import distributed
-
-            distributed.finish()
+        _run(command, app, rest)
     except UserError as ex:
         if _rank() > 0:
             sys.exit(ex.code)  # under torchrun rank 0 says it (each rank's log has it too)
@@ -352,26 +354,96 @@ def main(argv: list[str] | None = None) -> None:
         print(f"dlfs: {ex.message}", file=sys.stderr)  # an interruption: not an error, a stop
         sys.exit(ex.code)
     except DlfsError as ex:  # from a command that is not a Hydra app (dlfs runs)
-        _fail(str(ex))
-    except (HydraException, OmegaConfBaseException) as ex:
+        _fail(str(ex), ex.exit_code)
+    except (HydraException, OmegaConfBaseException) as ex:  # before OSError: MissingConfigException is both
         _fail(explain(ex))
-    except Exception as ex:  # e.g. joblib losing a worker process that was killed
-        if command != "train" or not _is_multirun(rest) or sweep.SweepFolder.current is None:
-            raise
-        _finish_sweep_quietly()
-        _drop_empty_sweep(sweep.SweepFolder.current.path)
-        _fail(f"the sweep ended early: {type(ex).__name__}: {explain(ex)}")
+    except OSError as ex:  # a folder Hydra could not make, a file it could not write: one line naming it
+        _fail(os_error_message(ex))
     except KeyboardInterrupt as ex:
         print("dlfs: aborted", file=sys.stderr)
         if command == "train" and _is_multirun(rest):
             _finish_sweep_quietly()
         sys.exit(getattr(ex, "exit_code", 130))
+    except Exception as ex:  # e.g. joblib losing a worker process that was killed
+        if command != "train" or not _is_multirun(rest) or sweep.SweepFolder.current is None:
+            raise
+        _finish_sweep_quietly()
+        if sweep.SweepFolder.current.path is not None:
+            runlock.drop_refused(sweep.SweepFolder.current.path)  # a sweep whose launcher never ran a job
+        _fail(f"the sweep ended early: {type(ex).__name__}: {explain(ex)}")
+    code = lifecycle.exit_code()
+    if code is not None:  # a stop asked for after the last step of the last run (its summary is written)
+        print(f"dlfs: stopped by a signal (exit {code}); everything was saved", file=sys.stderr)
+        sys.exit(code)
 
 
-def _drop_empty_sweep(path: Path | None) -> None:
-    """A sweep that never started a job (its launcher failed) leaves no folder holding only multirun.yaml."""
-    if path is not None and path.is_dir() and {p.name for p in path.iterdir()} <= {"multirun.yaml"}:
-        shutil.rmtree(path)
+def _run(command: str, app: Callable[[], object], rest: list[str]) -> None:
+    app()
+    if command == "train" and _is_multirun(rest):
+        _finish_sweep()
+    if command == "train" and _under_torchrun():
+        from dlfs_cli import distributed
+
+        distributed.finish()
+
+
+# --- overrides, before Hydra sees them ----------------------------------------------------------
+
+# Keys whose values are free text (paths, a prime): taken as typed, spaces, commas and any letter included.
+FREE_TEXT = ("hydra.run.dir", "hydra.sweep.dir", "data.path", "data.root", "resume", "run", "prime")
+# Hydra's options that take the next argument as their value (never an override).
+_OPTIONS_WITH_VALUE = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name"}
+_OPTIONS_WITH_VALUE |= {"-cd", "--config-dir", "-sc", "--shell-completion", "--experimental-rerun"}
+
+
+def prepare_overrides(args: list[str], multirun: bool) -> list[str]:
+    """Check every KEY=VALUE before Hydra parses it: a missing key is an error, and a free-text value is
+    quoted for Hydra when it needs to be (a space, a comma, a letter beyond ASCII), so that it is taken as
+    typed; one that cannot be quoted is an error showing the form that works."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import Override
+
+    parser = OverridesParser.create()
+    out: list[str] = []
+    takes_value = False
+    for arg in args:
+        if takes_value or arg.startswith("-"):
+            takes_value = arg in _OPTIONS_WITH_VALUE
+            out.append(arg)
+            continue
+        key, eq, value = arg.partition("=")
+        bare = key.lstrip("+~").strip()
+        if not eq and not key.startswith("~"):
+            _fail(f"cannot parse '{arg}': overrides are KEY=VALUE (e.g. trainer.epochs=3)")
+        if not bare:
+            _fail(f"cannot parse override '{arg}': no key before '=' (write KEY=VALUE, e.g. seed=3)")
+        if bare not in FREE_TEXT:
+            out.append(arg)
+            continue
+        if value.strip() == "" and bare != "resume":
+            _fail(f"{bare} is empty: give a value, e.g. {bare}={'outputs/my_run' if 'dir' in bare else '...'}")
+        try:
+            parsed: Override | None = parser.parse_override(arg)
+        except HydraException:
+            parsed = None
+        plain = parsed is not None and isinstance(parsed.value(), str) and not parsed.is_sweep_override()
+        if plain or (multirun and parsed is not None):  # as Hydra reads it (a sweep of paths under -m)
+            out.append(arg)
+            continue
+        out.append(_quoted(parser, key, value))
+    return out
+
+
+def _quoted(parser: object, key: str, value: str) -> str:
+    """key="value" in Hydra's quoting, checked to read back as `value`."""
+    for quote in ("'", '"'):
+        candidate = f"{key}={quote}{value}{quote}"
+        try:
+            if value.count(quote) == 0 and parser.parse_override(candidate).value() == value:  # type: ignore[attr-defined]
+                return candidate
+        except HydraException:
+            continue
+    _fail(f"cannot read {key}={value} as text (it holds both kinds of quote): escape them as Hydra asks, \\' or \\\"")
 
 
 def _finish_sweep_quietly() -> None:

@@ -9,6 +9,7 @@ This module must not import torch: `dlfs train --cfg job` and `--help` go throug
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from enum import Enum
@@ -18,9 +19,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-
-class DlfsError(Exception):
-    """A user-facing error: the CLI prints its message on one line and exits non-zero."""
+from dlfs_cli.errors import DlfsError
 
 
 class Activation(str, Enum):
@@ -433,10 +432,38 @@ def reject_unknown_keys(node: Any, prefix: str = "") -> None:
         reject_unknown_keys(node._get_node(key), f"{prefix}{key}.")
 
 
+INT64 = 2**63 - 1
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding takes 0 .. 2**32 - 1
+SIZE_MAX = 2**31 - 1  # batch sizes, layer sizes, lengths: a count of rows or units
+
+
+def check_numbers(node: Any, prefix: str = "") -> None:
+    """No infinity or NaN where a number is meant, no integer beyond 64 bits (torch's and numpy's limit)."""
+    if isinstance(node, DictConfig):
+        for key in node.keys():
+            if not OmegaConf.is_missing(node, key) and not OmegaConf.is_interpolation(node, key):
+                check_numbers(node[key], f"{prefix}{key}.")
+        return
+    if OmegaConf.is_list(node):
+        for i, item in enumerate(node):
+            check_numbers(item, f"{prefix}{i}.")
+        return
+    key = prefix.rstrip(".")
+    if isinstance(node, float) and not math.isfinite(node):
+        raise DlfsError(f"invalid value for {key}: {node} (must be a finite number)")
+    if isinstance(node, int) and not isinstance(node, bool) and not -INT64 <= node <= INT64:
+        raise DlfsError(f"invalid value for {key}: {node} (beyond the 64-bit integers)")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check value ranges that types cannot express; raises DlfsError naming the key."""
     reject_unknown_keys(cfg)
+    check_numbers(cfg)
+    for key in ("seed", "trainer.seed"):
+        value = OmegaConf.select(cfg, key)
+        _check(0 <= value <= SEED_MAX, key, value, f"a seed is between 0 and {SEED_MAX}")
     t = cfg.trainer
+    _check(t.batch_size <= SIZE_MAX, "trainer.batch_size", t.batch_size, f"must be <= {SIZE_MAX}")
     _check(t.epochs >= 0, "trainer.epochs", t.epochs, "must be >= 0")
     _check(t.batch_size >= 1, "trainer.batch_size", t.batch_size, "must be >= 1")
     _check(t.eval_every >= 1, "trainer.eval_every", t.eval_every, "must be >= 1")
@@ -484,12 +511,12 @@ def validate(cfg: DictConfig) -> None:
     m = cfg.model
     for key in ("hidden_size", "hidden_dim"):
         if m.get(key) is not None:
-            _check(m[key] >= 1, f"model.{key}", m[key], "must be >= 1")
+            _check(1 <= m[key] <= SIZE_MAX, f"model.{key}", m[key], f"must be between 1 and {SIZE_MAX}")
     if "dropout_keep" in m:
         _check(0 < m.dropout_keep <= 1, "model.dropout_keep", m.dropout_keep, "keep probability in (0, 1]")
     if "channels" in m:
         _check(
-            len(m.channels) == 2 and all(c >= 1 for c in m.channels),
+            len(m.channels) == 2 and all(1 <= c <= SIZE_MAX for c in m.channels),
             "model.channels",
             list(m.channels),
             "two channel counts >= 1",
@@ -506,7 +533,9 @@ def validate(cfg: DictConfig) -> None:
     if "test_size" in d:
         _check(0 < d.test_size < 1, "data.test_size", d.test_size, "a fraction in (0, 1)")
     if "sequence_length" in d:
-        _check(d.sequence_length >= 1, "data.sequence_length", d.sequence_length, "must be >= 1")
+        _check(
+            1 <= d.sequence_length <= SIZE_MAX, "data.sequence_length", d.sequence_length, f"between 1 and {SIZE_MAX}"
+        )
         _check(0 < d.train_fraction < 1, "data.train_fraction", d.train_fraction, "a fraction in (0, 1)")
     if "num_workers" in d:
         _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")

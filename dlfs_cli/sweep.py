@@ -19,7 +19,6 @@ import math
 import os
 import signal
 import statistics
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from dlfs_cli import lifecycle
 from dlfs_cli.config import DlfsError
 from dlfs_cli.runs import SEED_KEYS, Run, fmt, metric_keys, read_run, table_console, varying_keys
 from dlfs_cli.tracking import SUMMARY_FILE, write_atomic
@@ -55,26 +55,18 @@ class SweepFolder(Callback):
         self.metric = str(config.sweep.metric)
         self.direction = str(getattr(config.sweep.direction, "value", config.sweep.direction))
         SweepFolder.current = self
-        if not str(config.hydra.launcher.get("_target_", "")).endswith("BasicLauncher"):
-            self._stop_on_signals()
+        lifecycle.on_request(self._stop)
 
-    def _stop_on_signals(self) -> None:
-        """Jobs in other processes: the first SIGINT/SIGTERM here stops the sweep. Jobs not yet started
-        are skipped; running ones stop and save when the signal reaches them too (Ctrl-C reaches every
-        process of the terminal's group), else they finish. A second signal aborts at once."""
+    def _stop(self, signum: int) -> None:
+        """The first SIGINT, SIGTERM or SIGHUP to the sweep's process (lifecycle.py) stops the sweep: jobs
+        not yet started are skipped (they look for STOP_FILE, also in a launcher's other processes); a job
+        in this process stops at its next safe point; jobs in other processes stop and save when the
+        signal reaches them too (Ctrl-C reaches every process of the terminal's group), else they finish.
+        A second signal aborts at once."""
         assert self.path is not None
-        stop_file = self.path / STOP_FILE
-
-        def handle(signum: int, frame: object) -> None:
-            if stop_file.exists():
-                raise KeyboardInterrupt
-            stop_file.parent.mkdir(parents=True, exist_ok=True)
-            stop_file.touch()
-            log.warning("%s: stopping the sweep; jobs not started are skipped", signal.Signals(signum).name)
-
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(s, handle)
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / STOP_FILE).touch()
+        log.warning("%s: stopping the sweep; jobs not started are skipped", signal.Signals(signum).name)
 
     def stopped(self) -> bool:
         return self.path is not None and (self.path / STOP_FILE).exists()
@@ -123,12 +115,18 @@ def _cores() -> int:
 
 
 def check_not_stopped() -> None:
-    if (Path(HydraConfig.get().sweep.dir) / STOP_FILE).exists():
+    if lifecycle.requested() is not None or (Path(HydraConfig.get().sweep.dir) / STOP_FILE).exists():
         raise Skipped("not started: the sweep was interrupted")
 
 
 class Skipped(DlfsError):
     pass
+
+
+def job_refused(cfg: DictConfig, ex: Exception) -> float:
+    """A job whose folder another process is writing: nothing is written there; the sweep goes on."""
+    log.error("job %s: %s", HydraConfig.get().job.num, ex)
+    return math.nan
 
 
 def job_failed(run_dir: Path, cfg: DictConfig, ex: Exception) -> float:

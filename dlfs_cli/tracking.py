@@ -11,7 +11,8 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,8 @@ from rich import get_console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.tree import Tree
 
-from dlfs_cli import __version__
-from dlfs_cli.config import DlfsError
+from dlfs_cli import __version__, runlock
+from dlfs_cli.errors import DlfsError, os_error_message
 
 log = logging.getLogger("dlfs")
 
@@ -35,7 +36,8 @@ TENSORBOARD_DIR = "tensorboard"  # logger=tensorboard: event files, beside metri
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so readers never see a half-written file."""
+    """Write via a temporary file and rename, so readers never see a half-written file. A failure (a full
+    disk, say) leaves the previous file as it was and is a DlfsError naming the file and the reason."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -43,9 +45,30 @@ def write_atomic(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as ex:
+        _unlink_quietly(tmp)
+        ex.filename, ex.filename2 = str(path), None  # the file meant, not its temporary twin
+        raise DlfsError(os_error_message(ex, "could not write")) from None
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _unlink_quietly(tmp)
         raise
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+@contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """An OSError while writing `path` becomes a DlfsError naming it (and saying when the disk is full)."""
+    try:
+        yield
+    except OSError as ex:
+        ex.filename = ex.filename or str(path)
+        raise DlfsError(os_error_message(ex, "could not write")) from None
 
 
 def versions() -> dict[str, str | None]:
@@ -89,20 +112,27 @@ class RunFolder:
         self._writer: Any = None  # torch.utils.tensorboard.SummaryWriter
         self._metrics_columns: list[str] | None = None
         self._log_handler: logging.Handler | None = None
+        self._took_lock = False  # this object took the folder's lock (not the CLI before it)
 
     def start(
         self, cfg: DictConfig, summary: Mapping[str, Any], metric_columns: list[str], resume_step: int | None = None
     ) -> None:
         """Write the run's first files; or, resuming from the checkpoint at `resume_step`, keep them,
-        dropping any metrics.csv rows recorded after that checkpoint (they will be recorded again)."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        dropping any metrics.csv rows recorded after that checkpoint (they will be recorded again).
+        Rank 0 holds the folder's lock from here to close() (the CLI took it earlier: then a no-op)."""
+        with writing(self.path):
+            self.path.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0 and not runlock.holds(self.path):
+            runlock.acquire(self.path)
+            self._took_lock = True
         self._metrics_columns = ["epoch", "step", "split", "lr", *metric_columns, "elapsed_s"]
         if self.rank > 0:
             self._log_to(self.path / f"train.rank{self.rank}.log")
             self.summary = {"status": "running", **summary}
             return
-        self.checkpoints.mkdir(exist_ok=True)
-        OmegaConf.save(cfg, self.path / CONFIG_FILE, resolve=True)
+        with writing(self.path / CONFIG_FILE):
+            self.checkpoints.mkdir(exist_ok=True)
+            OmegaConf.save(cfg, self.path / CONFIG_FILE, resolve=True)
         rows: list[list[str]] = []
         if resume_step is not None:
             try:
@@ -128,7 +158,8 @@ class RunFolder:
         self.update_summary(status="running", **summary)
 
     def _log_to(self, path: Path) -> None:
-        self._log_handler = logging.FileHandler(path, encoding="utf-8")  # appends
+        with writing(path):
+            self._log_handler = logging.FileHandler(path, encoding="utf-8")  # appends
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(self._log_handler)
         log.setLevel(logging.INFO)
@@ -138,7 +169,7 @@ class RunFolder:
         assert self._metrics_columns is not None, "start() first"
         if self.rank > 0:
             return
-        with open(self.path / METRICS_FILE, "a", newline="") as f:
+        with writing(self.path / METRICS_FILE), open(self.path / METRICS_FILE, "a", newline="") as f:
             csv.writer(f).writerow([_cell(row.get(c)) for c in self._metrics_columns])
         if self._writer is not None:
             for key, value in row.items():
@@ -153,6 +184,14 @@ class RunFolder:
             return
         write_atomic(self.path / SUMMARY_FILE, json.dumps(self.summary, indent=2) + "\n")
 
+    def update_summary_quietly(self, **fields: Any) -> None:
+        """update_summary on the way out of a failed run: a second failure (the disk is still full) must not
+        hide the first, which is the one the user is told."""
+        try:
+            self.update_summary(**fields)
+        except DlfsError as ex:
+            log.debug("summary.json not updated: %s", ex)
+
     def note(self, message: str) -> None:
         """A line for train.log only (the console shows it elsewhere, e.g. as the command's error)."""
         if self._log_handler is not None:
@@ -166,6 +205,9 @@ class RunFolder:
             log.removeHandler(self._log_handler)
             self._log_handler.close()
             self._log_handler = None
+        if self._took_lock:
+            runlock.release(self.path)
+            self._took_lock = False
 
 
 def _cell(value: Any) -> Any:

@@ -6,27 +6,25 @@ A plain function: the `dlfs train` Hydra app calls it, and so do the tests.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import random
-import signal
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dlfs_cli import __version__, distributed
+from dlfs_cli import __version__, distributed, lifecycle
 from dlfs_cli.checkpoint import FORMAT_VERSION, config_hash, describe, load_run_checkpoint
-from dlfs_cli.config import DlfsError, validate
+from dlfs_cli.config import validate
 from dlfs_cli.data import build_data
+from dlfs_cli.errors import DlfsError, os_error_message
 from dlfs_cli.models import RECONSTRUCTS, build_model
-from dlfs_cli.tracking import CHECKPOINT_DIR, RunFolder, log, print_config_tree, versions
-from dlfs_cli.trainer import Diverged, Interrupted, Trainer, metric_names
+from dlfs_cli.tracking import CHECKPOINT_DIR, SUMMARY_FILE, RunFolder, log, print_config_tree, versions
+from dlfs_cli.trainer import Diverged, Trainer, metric_names
 
 
 def train(
@@ -34,7 +32,13 @@ def train(
 ) -> dict[str, float]:
     """Run one training run into `run_dir` (or continue it from its last.pt); returns the final held-out metrics.
 
-    threads: CPU threads for torch (a sweep's parallel jobs share the cores); live: a progress bar."""
+    threads: CPU threads for torch (a sweep's parallel jobs share the cores); live: a progress bar.
+    SIGINT, SIGTERM and SIGHUP stop it at the next safe point in any phase (see lifecycle.py)."""
+    with lifecycle.stop_signals():
+        return _train(cfg, run_dir, resume, threads, live)
+
+
+def _train(cfg: DictConfig, run_dir: Path, resume: bool, threads: int | None, live: bool) -> dict[str, float]:
     validate(cfg)
     tensorboard = cfg.logger == "tensorboard"  # a str Enum
     if tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -56,7 +60,11 @@ def train(
     seed_everything(cfg.trainer.seed + world.rank)
     reconstruct = cfg.model.name in RECONSTRUCTS
     data = build_data(cfg.data, cfg.trainer.batch_size, cfg.trainer.seed, device, reconstruct)
-    model = build_model(cfg.model, data.info).to(device)
+    try:
+        model = build_model(cfg.model, data.info).to(device)
+    except (RuntimeError, MemoryError) as ex:  # sizes that ask for more memory than there is
+        first = (str(ex).splitlines() or [type(ex).__name__])[0][:200]
+        raise DlfsError(f"cannot build model={cfg.model.name} with these sizes: {first}") from None
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)  # 4-d weights NHWC; the batches follow in the trainer
     trained: torch.nn.Module = model
@@ -133,40 +141,61 @@ def train(
         channels_last=cfg.trainer.channels_last,
     )
     status = "failed"
+    resume_hint = f"; resume with: dlfs train resume={run_dir}"
+    stop_listening = lifecycle.on_request(lambda signum: setattr(trainer, "stop_signal", signum))
     try:
-        with stop_on_signals(trainer):
-            if state is not None:
-                trainer.restore(state)  # last before training: it also restores every random number generator
-            metrics = trainer.fit(data.train, data.test, cfg.trainer.epochs, cfg.trainer.eval_every)
-            run.update_summary(metrics=metrics)
-            if trainer.stop_signal is None and world.main:  # a stop asked for after the last step skips the extras
-                if cfg.figures.enabled:
-                    _figures(run, cfg, model, data, device)
-                if data.info.vocab is not None:
-                    _sample(run, cfg, model, data.info.vocab, device)
+        lifecycle.check("while the run was being set up", resume_hint)
+        if state is not None:
+            trainer.restore(state)  # last before training: it also restores every random number generator
+        metrics = trainer.fit(data.train, data.test, cfg.trainer.epochs, cfg.trainer.eval_every)
+        run.update_summary(metrics=metrics)
+        # Only a run that did everything is completed: a stop asked for during the final evaluation or
+        # the extras leaves it interrupted, and a resume does what is left (the extras are redone).
+        lifecycle.check("after the last step (last.pt saved); the figures and sample are not made yet", resume_hint)
+        if world.main:
+            if cfg.figures.enabled:
+                _figures(run, cfg, model, data, device)
+                lifecycle.check("while the figures were drawn (last.pt saved)", resume_hint)
+            if data.info.vocab is not None:
+                _sample(run, cfg, model, data.info.vocab, device)
+                lifecycle.check("while the text sample was made (last.pt saved)", resume_hint)
         status = "completed"
         log.info("completed: %s", " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     except DlfsError as ex:
-        status = {Diverged: "diverged", Interrupted: "interrupted"}.get(type(ex), "failed")
-        run.update_summary(error=str(ex))
+        status = "diverged" if isinstance(ex, Diverged) else "interrupted" if _is_stop(ex) else "failed"
+        run.update_summary_quietly(error=str(ex))
         run.note(str(ex))  # the console gets it once, from the command line's error message
         raise
     except KeyboardInterrupt:
         status = "interrupted"
         run.note("aborted by a second signal")
         raise
+    except OSError as ex:  # a write of the run's that is not ours (figures, tensorboard): one line
+        message = os_error_message(ex, "could not write")
+        run.update_summary_quietly(error=message)
+        run.note(message)
+        raise DlfsError(message) from None
     except BaseException as ex:
-        run.update_summary(error=f"{type(ex).__name__}: {ex}")
+        run.update_summary_quietly(error=f"{type(ex).__name__}: {ex}")
         log.exception("failed")
         raise
     finally:
-        run.update_summary(status=status, duration_s=round(duration_before + time.time() - start, 3))
+        stop_listening()
+        run.update_summary_quietly(status=status, duration_s=round(duration_before + time.time() - start, 3))
         run.close()
     return metrics
 
 
-def _resume_state(run_dir: Path, plain_cfg: dict) -> dict:
-    """The run's last.pt, checked to belong to this model and data."""
+def _is_stop(ex: BaseException) -> bool:
+    """A stop signal honoured (exit 128 + its number), in the loop or between phases."""
+    return getattr(ex, "exit_code", 2) > 128
+
+
+def _resume_state(run_dir: Path, plain_cfg: dict) -> dict | None:
+    """The run's last.pt, checked to belong to this model and data; None for a run stopped before its first
+    step (it has no last.pt yet: it starts from the beginning)."""
+    if not (run_dir / CHECKPOINT_DIR / "last.pt").exists() and not _trained_any(run_dir):
+        return None
     state = load_run_checkpoint(run_dir, "last")  # on the CPU: the RNG states must stay there
     if state.get("format_version", 1) < FORMAT_VERSION:
         raise DlfsError(
@@ -181,37 +210,11 @@ def _resume_state(run_dir: Path, plain_cfg: dict) -> dict:
     return state
 
 
-@contextmanager
-def stop_on_signals(trainer: Trainer) -> Iterator[None]:
-    """The first SIGINT or SIGTERM asks the trainer to stop after the current step (it saves last.pt and
-    raises Interrupted); a second one aborts at once."""
-    if threading.current_thread() is not threading.main_thread():  # handlers can only be set there
-        yield
-        return
-
-    def handle(signum: int, frame: object) -> None:
-        if trainer.stop_signal is None:
-            trainer.stop_signal = signum
-            log.warning(
-                "%s: finishing this step, then saving last.pt (again to abort at once)", signal.Signals(signum).name
-            )
-        else:
-            raise Aborted(signum)
-
-    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+def _trained_any(run_dir: Path) -> bool:
     try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-class Aborted(KeyboardInterrupt):
-    """A second signal: stop at once (exit 128 + its number)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.exit_code = 128 + signum
+        return bool(json.loads((run_dir / SUMMARY_FILE).read_text()).get("step"))
+    except (OSError, ValueError, AttributeError):
+        return True  # unreadable: let load_run_checkpoint say what is missing
 
 
 def set_deterministic(on: bool, device: torch.device) -> None:

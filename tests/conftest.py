@@ -19,7 +19,7 @@ register_configs()
 # A run small enough for a test: the whole Boston train split is 12 batches of 32.
 SMOKE = ["trainer.epochs=2", "trainer.limit_batches=3", "device=cpu"]
 # What every run folder holds (README, "The run folder"); a run started by the CLI also has .hydra/.
-RUN_FILES = {"config.yaml", "metrics.csv", "summary.json", "checkpoints", "train.log", "figures"}
+RUN_FILES = {"config.yaml", "metrics.csv", "summary.json", "checkpoints", "train.log", "figures", ".dlfs.lock"}
 
 
 @pytest.fixture

@@ -85,4 +85,4 @@ def test_a_metric_the_runs_lack_fails_its_row_and_a_report_is_not_overwritten(tm
     (entry,) = json.loads((tmp_path / "repro" / "report.json").read_text())["experiments"]
     assert entry["status"].startswith("failed: no test_accuracy in the runs' metrics")
     again = run_dlfs(*args, cwd=tmp_path)
-    assert again.returncode == 2 and "repro already holds a run (report.json)" in again.stderr
+    assert again.returncode == 2 and "repro already holds a reproduction (report.json)" in again.stderr

@@ -18,9 +18,11 @@ import pytest
 import torch
 
 from dlfs_cli import checkpoint as checkpoint_module
+from dlfs_cli import lifecycle
 from dlfs_cli.config import DlfsError
+from dlfs_cli.lifecycle import Aborted, stop_signals
 from dlfs_cli.resume import resume_config
-from dlfs_cli.train import Aborted, stop_on_signals, train
+from dlfs_cli.train import train
 from dlfs_cli.trainer import Interrupted, Trainer
 from tests.conftest import DIGITS_CNN, run_dlfs
 
@@ -173,14 +175,15 @@ def test_second_signal_aborts_at_once() -> None:
         stop_signal = None
 
     stub = Stub()
-    with pytest.raises(Aborted) as aborted, stop_on_signals(stub):
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.01)
-        assert stub.stop_signal == signal.SIGTERM  # the first asks to stop after the step
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(1)
+    with pytest.raises(Aborted) as aborted, stop_signals():
+        lifecycle.on_request(lambda signum: setattr(stub, "stop_signal", signum))
+        signal.raise_signal(signal.SIGTERM)  # the handler runs before raise_signal returns
+        assert stub.stop_signal == signal.SIGTERM  # the first asks to stop at the next safe point
+        signal.raise_signal(signal.SIGTERM)
+        pytest.fail("the second signal did not abort")
     assert aborted.value.exit_code == 143
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the previous handlers are back
+    assert lifecycle.requested() is None  # and the request is forgotten with them
 
 
 def test_divergence_from_the_cli(tmp_path: Path) -> None:

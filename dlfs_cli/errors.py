@@ -1,0 +1,26 @@
+"""The errors a user sees as one line: `DlfsError` and the wording of the operating system's."""
+
+from __future__ import annotations
+
+import errno
+
+
+class DlfsError(Exception):
+    """A user-facing error: the CLI prints its message on one line and exits with `exit_code`."""
+
+    exit_code = 2
+
+
+def os_error_message(ex: OSError, action: str = "cannot use") -> str:
+    """One line naming the file and the reason, e.g. "could not write runs/x/summary.json: the disk is full"."""
+    reason = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is used up",
+        errno.EROFS: "the file system is read-only",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.ENAMETOOLONG: "the name is too long",
+    }.get(ex.errno or 0, ex.strerror or type(ex).__name__)
+    names = [str(n) for n in (ex.filename, ex.filename2) if n is not None]
+    where = f" {' -> '.join(names)}" if names else ""
+    return f"{action}{where}: {reason}"

@@ -1,0 +1,216 @@
+"""One writer per run folder, and no run ever written over another.
+
+The process that writes a run (or a sweep, or a reproduction) holds an exclusive `flock` on
+`<folder>/.dlfs.lock` for as long as it writes there. The kernel drops the lock when the process
+ends, however it ends, so a SIGKILLed run can be resumed at once: there is no stale lock to clear.
+The file also says who holds it (PID, host, command, since when), for the refusal's one line.
+
+`RunDirGuard` is a Hydra callback (conf/train.yaml, conf/reproduce.yaml). It checks the *resolved*
+output folder after composition, whatever the spelling that chose it (quotes, `++`, interpolations,
+environment variables), before Hydra writes a file there: a folder that exists and is not empty is
+refused, unless it is the run that `resume=` continues.
+
+No torch here: the check runs before a run's ~2 s of imports.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from dlfs_cli.errors import DlfsError, os_error_message
+
+LOCK_FILE = ".dlfs.lock"
+# trainer.nproc=N: the parent holds the run's lock and hands the folder to the ranks it starts
+PARENT_ENV = "DLFS_PARENT_RUN_DIR"
+# What a refused run may remove: only what Hydra and this module put into a folder they made.
+OWN_FILES = frozenset({".hydra", LOCK_FILE, "multirun.yaml"})
+
+_held: dict[Path, int] = {}  # resolved folder -> the open lock file (closing it releases the lock)
+MADE: set[Path] = set()  # resolved folders this process created for a run or sweep (a refusal removes them)
+
+
+class Busy(DlfsError):
+    """The folder is being written by another process (`who`: its PID, host, since, command)."""
+
+    def __init__(self, message: str, who: str = "") -> None:
+        super().__init__(message)
+        self.who = who
+
+
+def acquire(folder: Path) -> None:
+    """Take the folder's lock for this process (again: a no-op); Busy names the process that holds it."""
+    key = folder.resolve()
+    if key in _held:
+        return
+    fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        who = _describe(_read(fd))
+        os.close(fd)
+        raise Busy(
+            f"{folder} is being written by another dlfs process ({who}); refusing to write there too", who
+        ) from None
+    record = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": " ".join(sys.argv),
+        "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+    _held[key] = fd
+
+
+def holds(folder: Path) -> bool:
+    """True when this process holds the folder's lock."""
+    return folder.resolve() in _held
+
+
+def release(folder: Path) -> None:
+    """Give the lock back (the file stays: removing it would race with a process opening it)."""
+    fd = _held.pop(folder.resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def holder(folder: Path) -> str | None:
+    """For readers: who is writing `folder` now (PID, host, command, since), or None."""
+    try:
+        fd = os.open(folder / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _describe(_read(fd))
+    else:
+        return None
+    finally:
+        os.close(fd)  # also drops the shared lock just taken
+
+
+def _read(fd: int) -> dict[str, Any]:
+    try:
+        record = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return record if isinstance(record, dict) else {}
+    except ValueError:
+        return {}
+
+
+def _describe(record: dict[str, Any]) -> str:
+    parts = [f"PID {record.get('pid', '?')} on {record.get('host', '?')}"]
+    if record.get("since"):
+        parts.append(f"since {record['since']}")
+    if record.get("command"):
+        parts.append(f"'{record['command']}'")
+    return ", ".join(parts)
+
+
+def check_new_folder(folder: Path, key: str) -> None:
+    """A folder a new run or sweep may write: not there yet, or empty. Anything else is refused, a run
+    folder (which would be overwritten) or not (a user's own files would be mixed with the run's)."""
+    if folder.exists() and not folder.is_dir():
+        raise DlfsError(f"{key}={folder}: a file, not a folder; choose another {key}")
+    if not folder.is_dir():
+        return
+    who = holder(folder)
+    if who is not None:
+        raise Busy(f"{key}={folder} is being written by another dlfs process ({who}); choose another {key}")
+    entries = sorted(p.name for p in folder.iterdir())
+    if not entries:
+        return
+    for marker, what in (("summary.json", "a run"), ("summary.csv", "a sweep"), ("report.json", "a reproduction")):
+        if (folder / marker).exists() or (marker == "summary.csv" and any(folder.glob("*/summary.json"))):
+            hint = "; to continue the run: dlfs train resume=PATH" if what == "a run" else ""
+            raise DlfsError(
+                f"{key}={folder} already holds {what} ({marker}); choose another {key}, nothing was written{hint}"
+            )
+    shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+    raise DlfsError(f"{key}={folder} is not empty ({shown}); choose a new or empty folder, nothing was written")
+
+
+class RunDirGuard(Callback):
+    """Hydra callback: refuses an occupied output folder before Hydra writes there, then locks it."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _guard(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _guard(config, "hydra.sweep.dir")
+
+
+def _continued(config: DictConfig) -> bool:
+    """True when this process continues a folder made for it: resume=, a rank of trainer.nproc, a torchrun
+    rank other than 0 (rank 0 made the folder)."""
+    run_dir = Path(str(config.hydra.run.dir)).resolve()
+    if config.get("resume") is not None:
+        if run_dir != Path(str(config.resume)).resolve():
+            raise DlfsError("resume= continues a run in its own folder: leave hydra.run.dir out")
+        return True
+    parent = os.environ.get(PARENT_ENV)
+    if parent and run_dir == Path(parent).resolve():
+        return True
+    return int(os.environ.get("RANK", "0")) > 0
+
+
+def _guard(config: DictConfig, key: str) -> None:
+    from dlfs_cli.cli import UserError  # a SystemExit: Hydra's callbacks turn any Exception into a warning
+
+    try:
+        raw = str(OmegaConf.select(config, key))
+        if not raw.strip():
+            raise DlfsError(f"{key} is empty: give a folder, e.g. {key}=outputs/my_run")
+        folder = Path(raw)
+        if key == "hydra.run.dir" and _continued(config):
+            if os.environ.get(PARENT_ENV) or int(os.environ.get("RANK", "0")) > 0:
+                return  # the parent process, or torchrun's rank 0, holds the lock
+            try:
+                acquire(folder)
+            except Busy as ex:
+                raise Busy(
+                    f"resume={folder}: the run is still being written by another dlfs process ({ex.who}); "
+                    "wait for it to end, or stop it first"
+                ) from None
+            return
+        check_new_folder(folder, key)
+        if not folder.exists():
+            folder.mkdir(parents=True)
+            MADE.add(folder.resolve())
+        acquire(folder)
+    except DlfsError as ex:
+        raise UserError(str(ex)) from None
+    except OSError as ex:
+        raise UserError(os_error_message(ex, "cannot create the output folder")) from None
+
+
+def drop_refused(folder: Path) -> None:
+    """A run or sweep refused before it began leaves nothing behind: the files Hydra and the lock put into
+    its folder go, and the folder too when this process made it (with the empty folders made for it)."""
+    release(folder)
+    if not folder.is_dir() or not {p.name for p in folder.iterdir()} <= OWN_FILES:
+        return
+    for name in OWN_FILES:
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    if folder.resolve() not in MADE:
+        return
+    cwd = Path.cwd().resolve()
+    for empty in [folder.resolve(), *folder.resolve().parents]:
+        if empty == cwd or not empty.is_relative_to(cwd) or any(empty.iterdir()):
+            break
+        empty.rmdir()
