@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from dlfs_cli import __version__, lifecycle, runlock, sweep
-from dlfs_cli.config import check_device, conf_dir, register_configs, validate
+from dlfs_cli.config import SEED_MAX, check_device, check_numbers, conf_dir, register_configs, validate
 from dlfs_cli.errors import DlfsError, os_error_message
 
 register_configs()
@@ -139,8 +139,10 @@ def _eval_app(cfg: DictConfig) -> None:
     try:
         if OmegaConf.is_missing(cfg, "run"):
             raise DlfsError("dlfs eval needs a run folder: dlfs eval run=outputs/<model>/<timestamp>")
+        check_numbers(cfg)
         if cfg.device is not None:
             check_device(cfg.device)
+        _note_if_being_written(Path(cfg.run))
         from dlfs_cli.evaluate import run_eval
 
         run_eval(cfg.run, cfg.checkpoint.value, cfg.device)
@@ -156,6 +158,9 @@ def _generate_app(cfg: DictConfig) -> None:
     try:
         if OmegaConf.is_missing(cfg, "run"):
             raise DlfsError("dlfs generate needs a run folder: dlfs generate run=outputs/lstm_charmodel/<timestamp>")
+        check_numbers(cfg)
+        if not 0 <= cfg.seed <= SEED_MAX:
+            raise DlfsError(f"invalid value for seed: {cfg.seed} (a seed is between 0 and {SEED_MAX})")
         if cfg.length < 0:
             raise DlfsError(f"invalid value for length: {cfg.length} (must be >= 0)")
         if cfg.temperature < 0:
@@ -165,10 +170,18 @@ def _generate_app(cfg: DictConfig) -> None:
         from dlfs_cli.train import resolve_device
 
         device = resolve_device(cfg.device)
+        _note_if_being_written(Path(cfg.run))
         model, vocab = load_char_model(Path(cfg.run).expanduser(), cfg.checkpoint.value, device)
         print(sample(model, vocab, cfg.prime, cfg.length, cfg.temperature, cfg.seed, device))
     except DlfsError as ex:
         raise UserError(str(ex)) from None
+
+
+def _note_if_being_written(run: Path) -> None:
+    """Readers need no lock; they say when what they read may change under them."""
+    who = runlock.holder(run) if run.is_dir() else None
+    if who is not None:
+        print(f"dlfs: note: {run} is still being written ({who}); reading its latest saved checkpoint", file=sys.stderr)
 
 
 # --- reproduce -------------------------------------------------------------------------------
@@ -179,6 +192,10 @@ def _reproduce_app(cfg: DictConfig) -> None:
     out = Path(HydraConfig.get().runtime.output_dir)
     try:
         check_device(cfg.device)
+        check_numbers(cfg)
+        for seed in cfg.seeds:
+            if not 0 <= seed <= SEED_MAX:
+                raise DlfsError(f"invalid value for seeds: {seed} (a seed is between 0 and {SEED_MAX})")
         from dlfs_cli.reproduce import reproduce
 
         code = reproduce(cfg, out)
@@ -378,9 +395,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(command: str, app: Callable[[], object], rest: list[str]) -> None:
-    app()
-    if command == "train" and _is_multirun(rest):
-        _finish_sweep()
+    try:
+        app()
+        if command == "train" and _is_multirun(rest):
+            _finish_sweep()
+    finally:
+        runlock.release_all()  # the folder is finished with (the process ending would release it too)
     if command == "train" and _under_torchrun():
         from dlfs_cli import distributed
 

@@ -21,6 +21,11 @@ def os_error_message(ex: OSError, action: str = "cannot use") -> str:
         errno.EPERM: "permission denied",
         errno.ENAMETOOLONG: "the name is too long",
     }.get(ex.errno or 0, ex.strerror or type(ex).__name__)
-    names = [str(n) for n in (ex.filename, ex.filename2) if n is not None]
+    names = [_short(str(n)) for n in (ex.filename, ex.filename2) if n is not None]
     where = f" {' -> '.join(names)}" if names else ""
     return f"{action}{where}: {reason}"
+
+
+def _short(name: str, keep: int = 120) -> str:
+    """A name as long as a whole screen is shown by its two ends."""
+    return name if len(name) <= keep else f"{name[: keep // 2]}...{name[-keep // 2 :]} ({len(name)} characters)"

@@ -85,6 +85,12 @@ def release(folder: Path) -> None:
         os.close(fd)
 
 
+def release_all() -> None:
+    """Every lock this process holds (the CLI, when its command ends: a test may run the next in-process)."""
+    for folder in list(_held):
+        release(folder)
+
+
 def holder(folder: Path) -> str | None:
     """For readers: who is writing `folder` now (PID, host, command, since), or None."""
     try:
@@ -172,10 +178,12 @@ def _guard(config: DictConfig, key: str) -> None:
         raw = str(OmegaConf.select(config, key))
         if not raw.strip():
             raise DlfsError(f"{key} is empty: give a folder, e.g. {key}=outputs/my_run")
-        folder = Path(raw)
+        folder = Path(os.path.normpath(raw))  # as the file system will read it: a/../b is b
         if key == "hydra.run.dir" and _continued(config):
             if os.environ.get(PARENT_ENV) or int(os.environ.get("RANK", "0")) > 0:
                 return  # the parent process, or torchrun's rank 0, holds the lock
+            if not (folder / "summary.json").is_file():
+                return  # not a run: resume refuses it, and nothing is written there
             try:
                 acquire(folder)
             except Busy as ex:

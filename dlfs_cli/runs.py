@@ -12,15 +12,16 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
-from dlfs_cli.config import DlfsError
+from dlfs_cli import runlock
+from dlfs_cli.errors import DlfsError
 from dlfs_cli.tracking import SUMMARY_FILE
 
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
-STATUSES = ("completed", "running", "diverged", "interrupted", "failed", "skipped", "unknown")
+STATUSES = ("completed", "running", "killed", "diverged", "interrupted", "failed", "skipped", "unknown", "unreadable")
 # Keys that only pick the random draws: runs that differ in nothing else are seeds of one setting.
 SEED_KEYS = frozenset({"seed", "trainer.seed"})
 # Overrides that say where a run goes or how it is shown, not what it is: left out of the tables.
@@ -38,11 +39,15 @@ class Run:
 
     @property
     def status(self) -> str:
-        return self.summary.get("status", "failed")
+        status = self.summary.get("status", "failed")
+        return status if status in STATUSES else "unreadable"
 
     @property
     def metrics(self) -> dict[str, float]:
-        return self.summary.get("metrics") or {}
+        metrics = self.summary.get("metrics")
+        if not isinstance(metrics, dict):
+            return {}
+        return {str(k): v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def read_run(path: Path) -> Run | None:
@@ -62,12 +67,16 @@ def read_run(path: Path) -> Run | None:
             pass
     try:
         summary = json.loads((path / SUMMARY_FILE).read_text())
+        if not isinstance(summary, dict):
+            raise ValueError(f"a JSON {type(summary).__name__}, not an object")
     except FileNotFoundError:
         if command != "train":
             return None
         summary = {"status": "unknown", "error": "no summary.json: starting, or ended before it began (killed?)"}
-    except (OSError, ValueError) as ex:
-        summary = {"status": "failed", "error": f"unreadable summary.json: {ex}"}
+    except (OSError, ValueError) as ex:  # one malformed folder never hides the others
+        summary = {"status": "unreadable", "error": f"unreadable summary.json: {str(ex)[:200]}"}
+    if summary.get("status") == "running" and runlock.holder(path) is None:
+        summary = {**summary, "status": "killed", "error": "no process is writing it: killed or crashed (resume it)"}
     return Run(path, summary, overrides, job if isinstance(job, int) else None)
 
 
@@ -121,8 +130,20 @@ def fmt(value: Any) -> str:
 # --- dlfs runs -------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, as every dlfs error (argparse prints usage too)
+        raise DlfsError(f"dlfs runs: {message} (see dlfs runs --help)")
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="dlfs runs",
         description="List the runs under PATH (single runs and sweep jobs) from their run-folder files.",
     )
@@ -133,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
         "--sort", default="started", help="a column: started (default), duration, epochs, status, model, run, a metric"
     )
     p.add_argument("--reverse", action="store_true", help="sort descending")
-    p.add_argument("--limit", type=int, default=None, help="show at most N runs (after sorting)")
+    p.add_argument("--limit", type=_non_negative, default=None, help="show at most N runs (after sorting), N >= 0")
     return p
 
 
@@ -191,20 +212,24 @@ def print_runs(runs: list[Run], root: Path) -> None:
         s = run.summary
         epochs = f"{s.get('epochs_completed', '')}/{s.get('epochs', '')}" if "epochs" in s else ""
         table.add_row(
-            str(run.path.relative_to(root)) if run.path != root else str(root),
-            s.get("model", ""),
+            escape(str(run.path.relative_to(root)) if run.path != root else str(root)),
+            escape(str(s.get("model", ""))),
             _styled(run.status),
             *(escape(run.overrides.get(k, "")) for k in overrides),
             *(fmt(run.metrics.get(k)) for k in metrics),
             epochs,
             fmt(s.get("duration_s")),
-            str(s.get("started_at", ""))[:19].replace("T", " "),
+            escape(str(s.get("started_at", ""))[:19].replace("T", " ")),
         )
     console = table_console()
     console.print(f"{len(runs)} run(s) under {root}", highlight=False)
     console.print(table)
+    for run in runs:
+        if run.status in ("unreadable", "killed"):
+            where = run.path.relative_to(root) if run.path != root else root
+            console.print(f"  {where}: {run.status}: {run.summary.get('error', '')}", markup=False, highlight=False)
 
 
 def _styled(status: str) -> str:
-    colour = {"completed": "green", "running": "cyan", "interrupted": "yellow"}.get(status, "red")
+    colour = {"completed": "green", "running": "cyan", "interrupted": "yellow", "killed": "yellow"}.get(status, "red")
     return f"[{colour}]{status}[/{colour}]"

@@ -1,0 +1,256 @@
+"""Bad input, in every command: one line that names the problem, a non-zero exit, no traceback, and the
+folders exactly as they were (nothing overwritten, nothing half-written, nothing left behind).
+
+The commands run in this process (`cli.main`), as `dlfs` would run them: a crash would fail the test with
+its traceback. A few cases run `python -m dlfs_cli` as a real process too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from dlfs_cli import cli, lifecycle, runlock
+from dlfs_cli.train import train
+from tests.conftest import SMOKE, run_dlfs
+
+LONG = "x" * 5000  # longer than any file name may be
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A completed Boston run, made once; each case gets its own copy."""
+    from hydra import compose, initialize_config_dir
+
+    from dlfs_cli.config import conf_dir
+
+    run = tmp_path_factory.mktemp("finished") / "run"
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[*SMOKE, "figures.enabled=false"])
+    train(cfg, run)
+    runlock.release_all()
+    return run
+
+
+@pytest.fixture
+def world(tmp_path: Path, finished_run: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The working folder of a case: a finished run, a user's own folder, a file, a finished sweep and a
+    finished reproduction, an empty folder; the commands run from here."""
+    shutil.copytree(finished_run, tmp_path / "run")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "config.yaml").write_text("my: own\n")
+    (tmp_path / "afile").write_text("not a folder\n")
+    (tmp_path / "sweep" / "0").mkdir(parents=True)
+    (tmp_path / "sweep" / "summary.csv").write_text("job,status\n0,completed\n")
+    (tmp_path / "sweep" / "0" / "summary.json").write_text('{"status": "completed"}\n')
+    (tmp_path / "repro").mkdir()
+    (tmp_path / "repro" / "report.json").write_text("{}\n")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.csv").write_bytes(b"\x00\xff\xfe binary, not a CSV\n")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def dlfs(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """`dlfs ARGS` in this process; returns its exit code and what it printed."""
+    monkeypatch.setattr(lifecycle, "install_for_process", lambda: None)  # pytest keeps its own signal handlers
+    monkeypatch.setattr(sys, "argv", ["dlfs"])
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    monkeypatch.delenv("DLFS_OUTPUTS", raising=False)
+
+    def run(*args: str) -> Result:
+        capsys.readouterr()
+        try:
+            cli.main(list(args))
+            code = 0
+        except SystemExit as ex:
+            code = ex.code if isinstance(ex.code, int) else 1
+        finally:
+            runlock.release_all()
+        out, err = capsys.readouterr()
+        return Result(code, out, err)
+
+    return run
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file and folder under root, with a hash of each file's bytes (a lock file's holder record
+    aside: a refused resume held the lock for a moment)."""
+    tree = {}
+    for path in sorted(root.rglob("*")):
+        key = str(path.relative_to(root))
+        if path.name == runlock.LOCK_FILE:
+            tree[key] = "lock"
+        else:
+            tree[key] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+    return tree
+
+
+def assert_one_line_error(result: Result, code: int, pattern: str) -> None:
+    assert result.code == code, (result.code, result.err[-2000:])
+    lines = [line for line in result.err.splitlines() if line.startswith("dlfs")]
+    assert len(lines) == 1, result.err[-2000:]
+    assert re.search(pattern, lines[0]), lines[0]
+    assert "Traceback" not in result.err and "Traceback" not in result.out
+
+
+# (id, command line, exit code, what the one line must say). {long}: a name too long for any file system.
+CASES = [
+    # --- dlfs train: the command line itself
+    ("no-key", ["train", "=3"], 2, r"no key before '='"),
+    ("no-equals", ["train", "foo"], 2, r"overrides are KEY=VALUE"),
+    ("unknown-command", ["trian"], 2, r"unknown command 'trian'; valid commands: train"),
+    ("options-first", ["-m", "train"], 2, r"put the command first"),
+    ("cfg-with-m", ["train", "-m", "--cfg", "job", "seed=1,2"], 2, r"--cfg and --info show one job"),
+    ("list-without-m", ["train", "optimizer.lr=0.1,0.01"], 2, r"optimizer.lr=0.1,0.01 is a list of values: add -m"),
+    ("resume-in-sweep", ["train", "-m", "seed=1,2", "resume=run"], 2, r"resume= continues one run; .*sweep"),
+    # --- config groups and keys
+    (
+        "experiment-typo",
+        ["train", "experiment=book_bostn"],
+        2,
+        r"unknown option experiment=book_bostn \(did you mean 'book_boston'\?\)",
+    ),
+    ("model-typo", ["train", "model=bostn"], 2, r"unknown option model=bostn \(did you mean 'boston'\?\).*mnist_cnn"),
+    ("optimizer-typo", ["train", "optimizer=sgdd"], 2, r"unknown option optimizer=sgdd .*adam, sgd"),
+    ("loss-unknown", ["train", "loss=nope"], 2, r"unknown option loss=nope; valid choices: cross_entropy, mse"),
+    ("launcher-unknown", ["train", "-m", "hydra/launcher=nope", "seed=1,2"], 2, r"unknown option hydra/launcher=nope"),
+    ("key-typo", ["train", "trainer.epcohs=3"], 2, r"unknown key 'trainer.epcohs' \(did you mean 'epochs'\?\)"),
+    ("key-added", ["train", "+foo=1"], 2, r"unknown key 'foo'"),
+    ("logger-unknown", ["train", "logger=wandb"], 2, r"invalid value for logger"),
+    # --- numbers at their extremes
+    ("seed-negative", ["train", "seed=-1"], 2, r"invalid value for seed: -1 \(a seed is between 0 and 4294967295\)"),
+    ("seed-huge", ["train", "seed=4294967296"], 2, r"invalid value for seed: 4294967296"),
+    ("batch-beyond-64-bit", ["train", "trainer.batch_size=99999999999999999999"], 2, r"trainer.batch_size: .*64-bit"),
+    ("batch-huge", ["train", "trainer.batch_size=3000000000"], 2, r"trainer.batch_size: 3000000000 \(must be <="),
+    ("batch-zero", ["train", "trainer.batch_size=0"], 2, r"trainer.batch_size: 0 \(must be >= 1\)"),
+    ("epochs-negative", ["train", "trainer.epochs=-1"], 2, r"trainer.epochs: -1 \(must be >= 0\)"),
+    ("epochs-nan", ["train", "trainer.epochs=nan"], 2, r"invalid value for trainer.epochs"),
+    ("epochs-text", ["train", "trainer.epochs=three"], 2, r"invalid value for trainer.epochs"),
+    ("lr-inf", ["train", "optimizer.lr=inf"], 2, r"optimizer.lr: inf \(must be a finite number\)"),
+    ("lr-nan", ["train", "optimizer.lr=nan"], 2, r"optimizer.lr: nan \(must be a finite number\)"),
+    ("lr-negative", ["train", "optimizer.lr=-0.1"], 2, r"optimizer.lr: -0.1 \(must be > 0\)"),
+    ("lr-text", ["train", "optimizer.lr=abc"], 2, r"invalid value for optimizer.lr"),
+    ("momentum-minus-inf", ["train", "optimizer.momentum=-inf"], 2, r"optimizer.momentum: -inf \(must be a finite"),
+    ("dropout-zero", ["train", "model.dropout_keep=0"], 2, r"model.dropout_keep: 0.0 \(keep probability"),
+    ("hidden-zero", ["train", "model.hidden_size=0"], 2, r"model.hidden_size: 0 \(must be between 1 and"),
+    ("hidden-huge", ["train", "model.hidden_size=99999999999"], 2, r"model.hidden_size: 99999999999"),
+    ("filter-even", ["train", "model=mnist_cnn", "data=digits", "model.filter_size=4"], 2, r"model.filter_size: 4"),
+    ("test-size", ["train", "data.test_size=1.5"], 2, r"data.test_size: 1.5 \(a fraction"),
+    ("limit-zero", ["train", "trainer.limit_batches=0"], 2, r"trainer.limit_batches: 0"),
+    ("nproc-zero", ["train", "trainer.nproc=0"], 2, r"trainer.nproc: 0"),
+    ("tsne-negative", ["train", "figures.tsne_points=-1"], 2, r"figures.tsne_points: -1"),
+    ("scheduler-neither", ["train", "scheduler=exponential"], 2, r"set exactly one of gamma, final_lr"),
+    ("device-unknown", ["train", "device=gpu"], 2, r"invalid value for device: 'gpu'"),
+    ("device-missing", ["train", "device=cuda:99"], 2, r"device=cuda:99"),
+    # --- free text: empty, too long, files that cannot be read
+    ("run-dir-empty", ["train", "hydra.run.dir="], 2, r"hydra.run.dir is empty"),
+    ("data-path-empty", ["train", "data.path="], 2, r"data.path is empty"),
+    ("resume-empty", ["train", "resume="], 2, r"resume is empty"),
+    ("data-path-missing", ["train", "data.path=missing file.csv"], 2, r"no such file: missing file.csv"),
+    ("data-path-folder", ["train", "data.path=empty"], 2, r"data.path.*empty"),
+    ("data-path-garbage", ["train", "data.path=bad.csv"], 2, r"bad.csv"),
+    ("data-path-long", ["train", "data.path={long}"], 2, r"\.\.\.x+ \(5000 characters\): the name is too long"),
+    ("run-dir-long", ["train", "hydra.run.dir={long}"], 2, r"the name is too long"),
+    ("text-path-missing", ["train", "model=lstm_charmodel", "data.path=nowhere.txt"], 2, r"nowhere.txt"),
+    ("mnist-root-missing", ["train", "model=mnist_cnn", "data.root=nowhere", "data.download=false"], 2, r"nowhere"),
+    # --- never overwrite: the resolved folder, however it is spelled
+    ("run-dir-a-run", ["train", "hydra.run.dir=run"], 2, r"hydra.run.dir=run already holds a run \(summary.json\)"),
+    ("run-dir-quoted", ["train", "hydra.run.dir='run'"], 2, r"already holds a run"),
+    ("run-dir-plus-plus", ["train", "++hydra.run.dir=run"], 2, r"already holds a run"),
+    ("run-dir-env", ["train", "hydra.run.dir=${oc.env:DLFS_TEST_HERE}/run"], 2, r"already holds a run"),
+    ("run-dir-interpolated", ["train", "hydra.run.dir=${model.name}/../run"], 2, r"already holds a run"),
+    ("run-dir-users-files", ["train", "hydra.run.dir=mine"], 2, r"hydra.run.dir=mine is not empty \(config.yaml\)"),
+    ("run-dir-a-file", ["train", "hydra.run.dir=afile"], 2, r"a file, not a folder"),
+    ("run-dir-a-sweep", ["train", "hydra.run.dir=sweep"], 2, r"already holds a sweep"),
+    ("sweep-dir-a-sweep", ["train", "-m", "seed=1,2", "hydra.sweep.dir=sweep"], 2, r"already holds a sweep"),
+    ("sweep-dir-quoted", ["train", "-m", "seed=1,2", "hydra.sweep.dir='sweep'"], 2, r"already holds a sweep"),
+    ("sweep-dir-users-files", ["train", "-m", "seed=1,2", "hydra.sweep.dir=mine"], 2, r"is not empty"),
+    ("sweep-dir-empty", ["train", "-m", "seed=1,2", "hydra.sweep.dir="], 2, r"hydra.sweep.dir is empty"),
+    ("resume-nowhere", ["train", "resume=nowhere"], 2, r"resume=nowhere: no such folder"),
+    ("resume-not-a-run", ["train", "resume=mine"], 2, r"resume=mine: not a dlfs run folder"),
+    ("resume-moved", ["train", "resume=run", "hydra.run.dir=elsewhere"], 2, r"resume= continues a run in its own"),
+    ("resume-changes-model", ["train", "resume=run", "model.hidden_size=3"], 2, r"resume cannot change model"),
+    # --- dlfs eval
+    ("eval-no-run", ["eval"], 2, r"dlfs eval needs a run folder"),
+    ("eval-empty", ["eval", "run="], 2, r"run is empty"),
+    ("eval-nowhere", ["eval", "run=nowhere"], 2, r"run=nowhere: no such folder"),
+    ("eval-not-a-run", ["eval", "run=mine"], 2, r"no checkpoints/last.pt"),
+    ("eval-checkpoint", ["eval", "run=run", "checkpoint=worst"], 2, r"invalid value for checkpoint"),
+    ("eval-device", ["eval", "run=run", "device=gpu"], 2, r"invalid value for device"),
+    # --- dlfs generate
+    ("generate-no-run", ["generate"], 2, r"dlfs generate needs a run folder"),
+    ("generate-length", ["generate", "run=run", "length=-1"], 2, r"invalid value for length: -1"),
+    ("generate-length-huge", ["generate", "run=run", "length=99999999999999999999"], 2, r"length: .*64-bit"),
+    ("generate-temperature", ["generate", "run=run", "temperature=-1"], 2, r"invalid value for temperature"),
+    ("generate-temperature-nan", ["generate", "run=run", "temperature=nan"], 2, r"temperature: nan \(must be a finite"),
+    ("generate-seed", ["generate", "run=run", "seed=-5"], 2, r"invalid value for seed: -5"),
+    ("generate-not-lstm", ["generate", "run=run"], 2, r"lstm_charmodel"),
+    ("generate-prime-as-typed", ["generate", "run=nowhere", "prime=To be, or not: é"], 2, r"run=nowhere: no such"),
+    # --- dlfs runs
+    ("runs-nowhere", ["runs", "nowhere"], 2, r"nowhere: no such folder"),
+    ("runs-limit", ["runs", ".", "--limit", "-1"], 2, r"dlfs runs: argument --limit"),
+    ("runs-sort", ["runs", ".", "--sort", "bogus"], 2, r"--sort bogus: no such column"),
+    ("runs-status", ["runs", ".", "--status", "weird"], 2, r"dlfs runs: argument --status"),
+    ("runs-option", ["runs", "--bogus"], 2, r"unrecognized arguments: --bogus"),
+    # --- dlfs reproduce
+    ("reproduce-only", ["reproduce", "quick=true", "only=[nope]"], 2, r"only: unknown experiment nope"),
+    ("reproduce-seeds", ["reproduce", "quick=true", "seeds=[]"], 2, r"seeds: give at least one seed"),
+    ("reproduce-device", ["reproduce", "device=gpu"], 2, r"invalid value for device"),
+    ("reproduce-existing", ["reproduce", "quick=true", "hydra.run.dir=repro"], 2, r"already holds a reproduction"),
+    ("reproduce-users-files", ["reproduce", "quick=true", "hydra.run.dir=mine"], 2, r"is not empty"),
+    ("reproduce-seed-negative", ["reproduce", "quick=true", "seeds=[-1]"], 2, r"seed"),
+]
+
+
+@pytest.mark.parametrize(("args", "code", "pattern"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_changes_nothing(
+    world: Path, dlfs, monkeypatch: pytest.MonkeyPatch, args: list[str], code: int, pattern: str
+) -> None:
+    monkeypatch.setenv("DLFS_TEST_HERE", str(world))
+    before = snapshot(world)
+    result = dlfs(*(a.replace("{long}", LONG) for a in args))
+    assert_one_line_error(result, code, pattern)
+    assert snapshot(world) == before  # nothing overwritten, nothing half-written, nothing left behind
+
+
+def test_enough_cases() -> None:
+    assert len(CASES) >= 60 and len({c[0] for c in CASES}) == len(CASES)
+
+
+def test_a_real_process_says_one_line_too(tmp_path: Path) -> None:
+    """python -m dlfs_cli, with no Python in between to catch anything."""
+    for args, pattern in (
+        (["train", "=3"], r"no key before '='"),
+        (["train", "experiment=book_bostn"], r"did you mean 'book_boston'"),
+        (["train", "seed=-1"], r"invalid value for seed"),
+    ):
+        out = run_dlfs(*args, cwd=tmp_path)
+        assert_one_line_error(Result(out.returncode, out.stdout, out.stderr), 2, pattern)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_malformed_summary_never_hides_the_other_runs(world: Path, dlfs) -> None:
+    for name, text in (("list", "[1, 2, 3]\n"), ("text", "not json"), ("numbers", '{"status": 3, "metrics": [1]}')):
+        (world / "bad" / name).mkdir(parents=True)
+        (world / "bad" / name / "summary.json").write_text(text)
+    result = dlfs("runs", ".")
+    assert result.code == 0 and "Traceback" not in result.err
+    assert "5 run(s)" in result.out and "completed" in result.out  # run/, sweep/0 and the three bad ones
+    assert result.out.count("unreadable") >= 3  # listed, with the reason
+    assert "JSON list, not an object" in result.out
