@@ -141,24 +141,24 @@ def _train(cfg: DictConfig, run_dir: Path, resume: bool, threads: int | None, li
         channels_last=cfg.trainer.channels_last,
     )
     status = "failed"
-    resume_hint = f"; resume with: dlfs train resume={run_dir}"
+    resume_hint = f". Resume with: dlfs train resume={run_dir}"
     stop_listening = lifecycle.on_request(lambda signum: setattr(trainer, "stop_signal", signum))
     try:
-        lifecycle.check("while the run was being set up", resume_hint)
+        lifecycle.check("while the run was being set up (nothing trained yet)", resume_hint)
         if state is not None:
             trainer.restore(state)  # last before training: it also restores every random number generator
         metrics = trainer.fit(data.train, data.test, cfg.trainer.epochs, cfg.trainer.eval_every)
         run.update_summary(metrics=metrics)
         # Only a run that did everything is completed: a stop asked for during the final evaluation or
         # the extras leaves it interrupted, and a resume does what is left (the extras are redone).
-        lifecycle.check("after the last step (last.pt saved); the figures and sample are not made yet", resume_hint)
+        lifecycle.check("after the last step; last.pt saved, the figures and sample not made yet", resume_hint)
         if world.main:
             if cfg.figures.enabled:
                 _figures(run, cfg, model, data, device)
-                lifecycle.check("while the figures were drawn (last.pt saved)", resume_hint)
+                lifecycle.check("while the figures were drawn; last.pt saved", resume_hint)
             if data.info.vocab is not None:
                 _sample(run, cfg, model, data.info.vocab, device)
-                lifecycle.check("while the text sample was made (last.pt saved)", resume_hint)
+                lifecycle.check("while the text sample was made; last.pt saved", resume_hint)
         status = "completed"
         log.info("completed: %s", " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
     except DlfsError as ex:

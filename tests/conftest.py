@@ -6,12 +6,14 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from dlfs_cli import cli, lifecycle, runlock
 from dlfs_cli.config import conf_dir, register_configs
 
 register_configs()
@@ -43,6 +45,36 @@ def run_dlfs(
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def dlfs(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """`dlfs ARGS` in this process; returns its exit code and what it printed."""
+    monkeypatch.setattr(lifecycle, "install_for_process", lambda: None)  # pytest keeps its own signal handlers
+    monkeypatch.setattr(sys, "argv", ["dlfs"])
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    monkeypatch.delenv("DLFS_OUTPUTS", raising=False)
+
+    def run(*args: str) -> Result:
+        capsys.readouterr()
+        try:
+            cli.main(list(args))
+            code = 0
+        except SystemExit as ex:
+            code = ex.code if isinstance(ex.code, int) else 1
+        finally:
+            runlock.release_all()
+        out, err = capsys.readouterr()
+        return Result(code, out, err)
+
+    return run
 
 
 def write_idx(raw: Path, split: str, pixels, labels) -> None:

@@ -8,27 +8,17 @@ its traceback. A few cases run `python -m dlfs_cli` as a real process too.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import shutil
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from dlfs_cli import cli, lifecycle, runlock
+from dlfs_cli import runlock
 from dlfs_cli.train import train
-from tests.conftest import SMOKE, run_dlfs
+from tests.conftest import SMOKE, Result, run_dlfs
 
 LONG = "x" * 5000  # longer than any file name may be
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
 
 
 @pytest.fixture(scope="module")
@@ -63,29 +53,6 @@ def world(tmp_path: Path, finished_run: Path, monkeypatch: pytest.MonkeyPatch) -
     (tmp_path / "bad.csv").write_bytes(b"\x00\xff\xfe binary, not a CSV\n")
     monkeypatch.chdir(tmp_path)
     return tmp_path
-
-
-@pytest.fixture
-def dlfs(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
-    """`dlfs ARGS` in this process; returns its exit code and what it printed."""
-    monkeypatch.setattr(lifecycle, "install_for_process", lambda: None)  # pytest keeps its own signal handlers
-    monkeypatch.setattr(sys, "argv", ["dlfs"])
-    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
-    monkeypatch.delenv("DLFS_OUTPUTS", raising=False)
-
-    def run(*args: str) -> Result:
-        capsys.readouterr()
-        try:
-            cli.main(list(args))
-            code = 0
-        except SystemExit as ex:
-            code = ex.code if isinstance(ex.code, int) else 1
-        finally:
-            runlock.release_all()
-        out, err = capsys.readouterr()
-        return Result(code, out, err)
-
-    return run
 
 
 def snapshot(root: Path) -> dict[str, str]:

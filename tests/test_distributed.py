@@ -46,7 +46,8 @@ def test_two_ranks_write_one_run_folder_and_train_as_one_process(make_cfg, tmp_p
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["status"] == "completed"
     assert {p.name for p in run.iterdir()} == {
-        ".hydra", ".dlfs.lock", "config.yaml", "metrics.csv", "summary.json", "checkpoints", "train.log", "train.rank1.log"
+        ".hydra", ".dlfs.lock", "config.yaml", "metrics.csv", "summary.json", "checkpoints", "train.log",
+        "train.rank1.log",
     }  # fmt: skip
     assert out.stdout.count("completed:") == 1  # rank 0 speaks for the run
 

@@ -1,0 +1,197 @@
+"""Stop signals in every phase of a run, and a console that goes away.
+
+Each phase test makes the signal arrive inside that phase (the phase's own function raises it, so no
+timing is involved), with the process's handlers installed as `dlfs` installs them; then it checks the
+exit code (128 + the signal), the status, and that a resume finishes what was not done.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import dlfs_cli.figures
+import dlfs_cli.generate
+import dlfs_cli.sweep
+import dlfs_cli.train
+import dlfs_cli.trainer
+from dlfs_cli import lifecycle
+from dlfs_cli.trainer import Trainer
+
+QUICK = ["device=cpu", "trainer.epochs=2", "trainer.limit_batches=3"]
+
+
+def summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+@pytest.fixture
+def process_handlers(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], None]]:
+    """The stop handlers installed for the whole command, as `dlfs` does; yields a reset for the next
+    command (a new process would start without the request). pytest's own handlers come back after."""
+    previous = {s: signal.getsignal(s) for s in lifecycle.STOP_SIGNALS}
+    monkeypatch.undo()  # the dlfs fixture's no-op install: here the real one
+
+    def reset() -> None:
+        lifecycle._requested = None
+        lifecycle._listeners.clear()
+
+    yield reset
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+    lifecycle._installed = False
+    reset()
+
+
+def raising(signum: int, original: Callable, when: Callable[..., bool] = lambda *a, **k: True) -> Callable:
+    """`original`, with `signum` delivered to this process first (once, when `when(...)`)."""
+    sent = []
+
+    def wrapper(*args, **kwargs):
+        if not sent and when(*args, **kwargs):
+            sent.append(signum)
+            signal.raise_signal(signum)  # the handler has run when this returns
+        return original(*args, **kwargs)
+
+    return wrapper
+
+
+def run_interrupted_then_resumed(dlfs, reset, run: Path, args: list[str], code: int, phase: str) -> dict:
+    result = dlfs("train", *args, f"hydra.run.dir={run}")
+    assert result.code == code, result.err
+    assert f"interrupted by {signal.Signals(code - 128).name}" in result.err and "Traceback" not in result.err
+    assert phase in result.err and f"Resume with: dlfs train resume={run}" in result.err
+    interrupted = summary(run)
+    assert interrupted["status"] == "interrupted"
+    reset()
+    return interrupted
+
+
+def resume(dlfs, run: Path) -> dict:
+    result = dlfs("train", f"resume={run}")
+    assert result.code == 0, result.err
+    done = summary(run)
+    assert done["status"] == "completed"
+    return done
+
+
+def test_a_signal_during_set_up(dlfs, process_handlers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dlfs_cli.train, "build_data", raising(signal.SIGHUP, dlfs_cli.train.build_data))
+    run = tmp_path / "run"
+    run_interrupted_then_resumed(dlfs, process_handlers, run, QUICK, 129, "while the run was being set up")
+    assert not (run / "checkpoints" / "last.pt").exists()  # nothing was trained
+    monkeypatch.undo()
+    done = resume(dlfs, run)  # from the beginning
+    assert done["epochs_completed"] == 2 and (run / "figures" / "loss_curves.png").exists()
+
+
+def test_a_signal_during_training(dlfs, process_handlers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = Trainer._account
+
+    def account(self, *args):
+        original(self, *args)
+        if self.step == 4:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(Trainer, "_account", account)
+    run = tmp_path / "run"
+    run_interrupted_then_resumed(dlfs, process_handlers, run, QUICK, 130, "in epoch 2 after batch 1 (step 4)")
+    monkeypatch.undo()
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
+    assert resume(dlfs, run)["epochs_completed"] == 2
+
+
+def test_a_signal_during_the_final_evaluation(
+    dlfs, process_handlers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = [*QUICK, "trainer.eval_every=5"]  # the one evaluation is the final one
+    monkeypatch.setattr(dlfs_cli.trainer, "evaluate", raising(signal.SIGTERM, dlfs_cli.trainer.evaluate))
+    run = tmp_path / "run"
+    before = run_interrupted_then_resumed(dlfs, process_handlers, run, args, 143, "after the last step")
+    assert before["metrics"] and not (run / "figures").exists()  # measured and saved; the figures not made
+    monkeypatch.undo()
+    done = resume(dlfs, run)
+    assert done["metrics"] == before["metrics"] and (run / "figures" / "loss_curves.png").exists()
+
+
+def test_a_signal_while_the_figures_are_drawn(
+    dlfs, process_handlers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dlfs_cli.figures, "make_figures", raising(signal.SIGTERM, dlfs_cli.figures.make_figures))
+    run = tmp_path / "run"
+    run_interrupted_then_resumed(dlfs, process_handlers, run, QUICK, 143, "while the figures were drawn")
+    monkeypatch.undo()
+    (run / "figures" / "loss_curves.png").unlink()  # as if the signal had come before it was written
+    assert resume(dlfs, run)["figures"] == ["figures/loss_curves.png"]
+    assert (run / "figures" / "loss_curves.png").exists()
+
+
+def test_a_signal_while_the_sample_is_made(
+    dlfs, process_handlers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = [*QUICK, "model=lstm_charmodel", "model.hidden_size=8", "data.sequence_length=5", "figures.enabled=false"]
+    monkeypatch.setattr(dlfs_cli.generate, "sample", raising(signal.SIGHUP, dlfs_cli.generate.sample))
+    run = tmp_path / "run"
+    run_interrupted_then_resumed(dlfs, process_handlers, run, args, 129, "while the text sample was made")
+    monkeypatch.undo()
+    (run / "samples.txt").unlink()
+    resume(dlfs, run)
+    assert len((run / "samples.txt").read_text()) > 100
+
+
+def test_a_signal_while_the_sweep_is_summarised(
+    dlfs, process_handlers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dlfs_cli.sweep, "summarize", raising(signal.SIGINT, dlfs_cli.sweep.summarize))
+    result = dlfs("train", "-m", "seed=1,2", *QUICK, "figures.enabled=false", f"hydra.sweep.dir={tmp_path / 's'}")
+    assert result.code == 130 and "Traceback" not in result.err, result.err
+    rows = (tmp_path / "s" / "summary.csv").read_text().splitlines()
+    assert len(rows) == 3 and all(",completed," in row for row in rows[1:])  # the summary was finished
+
+
+def test_sighup_from_a_closed_terminal_saves_and_says_interrupted(tmp_path: Path) -> None:
+    """A real process: SIGHUP after its first epoch (waited for in metrics.csv, not by a clock)."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dlfs_cli", "train", "device=cpu", "trainer.epochs=100000", f"hydra.run.dir={run}"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(lambda: (run / "metrics.csv").exists() and (run / "metrics.csv").read_text().count("\n") >= 3, proc)
+    proc.send_signal(signal.SIGHUP)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 129 and "interrupted by SIGHUP" in err and "Traceback" not in err, err
+    assert summary(run)["status"] == "interrupted" and (run / "checkpoints" / "last.pt").exists()
+
+
+def wait_for(condition: Callable[[], bool], proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Poll until `condition` holds; fail at once if the process ended first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the process ended first (exit {proc.returncode})"
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def test_a_closed_console_never_stops_a_sweep(tmp_path: Path) -> None:
+    """dlfs train -m seed=1,2,3 trainer.epochs=2 | head -3: every job runs, summary.csv is written."""
+    sweep = tmp_path / "s"
+    cmd = f"{sys.executable} -m dlfs_cli train -m seed=1,2,3 {' '.join(QUICK)} hydra.sweep.dir={sweep} | head -3"
+    out = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", cmd], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout.splitlines()) == 3 and "Traceback" not in out.stderr and "Logging error" not in out.stderr
+    rows = (sweep / "summary.csv").read_text().splitlines()
+    assert len(rows) == 4 and all(",completed," in row for row in rows[1:])
+    assert all(summary(sweep / str(job))["status"] == "completed" for job in range(3))
