@@ -1,0 +1,129 @@
+"""One writer per run folder (runlock.py), and the file systems that refuse to be written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dlfs_cli import runlock
+from tests.test_signals import wait_for
+
+
+def summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """A run that trains for as long as the test needs it (another process, holding the run's lock)."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dlfs_cli", "train", "device=cpu", "trainer.epochs=100000", f"hydra.run.dir={run}"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # its first checkpoint: a resume has something to continue from once it is killed
+    wait_for(lambda: (run / "checkpoints" / "last.pt").exists(), proc)
+    yield proc, run
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()
+
+
+def test_a_running_run_has_one_writer_until_it_is_killed(running, dlfs, tmp_path: Path) -> None:
+    proc, run = running
+    os.chdir(tmp_path)
+    resumed = dlfs("train", f"resume={run}")
+    assert resumed.code == 2 and "Traceback" not in resumed.err
+    assert f"resume={run}: the run is still being written by another dlfs process (PID {proc.pid} on" in resumed.err
+    second = dlfs("train", "device=cpu", f"hydra.run.dir={run}")  # a new run into its folder
+    assert second.code == 2 and f"is being written by another dlfs process (PID {proc.pid}" in second.err
+    assert "'dlfs train device=cpu trainer.epochs=100000" in second.err  # the holder's command, and since when
+    listed = dlfs("runs", str(tmp_path))
+    assert listed.code == 0 and "running" in listed.out
+    evaluated = dlfs("eval", f"run={run}")
+    assert f"is still being written (PID {proc.pid}" in evaluated.err
+
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert summary(run)["status"] == "running"  # nothing could write more
+    assert "killed" in dlfs("runs", str(tmp_path)).out
+    done = summary(run)["epochs_completed"]
+    resumed = dlfs("train", f"resume={run}", f"trainer.epochs={done + 1}")  # at once: the kernel dropped the lock
+    assert resumed.code == 0, resumed.err
+    assert summary(run)["status"] == "completed" and summary(run)["epochs_completed"] == done + 1
+
+
+def test_two_fresh_runs_into_one_folder(running, dlfs, tmp_path: Path) -> None:
+    proc, run = running
+    metrics_before = (run / "checkpoints").exists()
+    other = dlfs("train", "device=cpu", f"hydra.run.dir={run}", "seed=3")
+    assert other.code == 2 and f"PID {proc.pid}" in other.err
+    assert metrics_before and proc.poll() is None  # the first run goes on, alone
+    header = (run / "metrics.csv").read_text().splitlines()[0]
+    assert all(line.count(",") == header.count(",") for line in (run / "metrics.csv").read_text().splitlines())
+
+
+def test_the_lock_is_the_processes_own(tmp_path: Path) -> None:
+    runlock.acquire(tmp_path)
+    runlock.acquire(tmp_path)  # again: a no-op
+    assert runlock.holds(tmp_path)
+    code = (
+        "import sys; from pathlib import Path; from dlfs_cli import runlock\n"
+        "try:\n    runlock.acquire(Path(sys.argv[1]))\nexcept runlock.Busy as ex:\n    print(ex)\n"
+    )
+    refused = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert f"PID {os.getpid()}" in refused.stdout
+    runlock.release(tmp_path)
+    assert runlock.holder(tmp_path) is None
+    taken = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+    assert taken.stdout == "" and taken.returncode == 0
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A file system of 160 KiB (tmpfs); skipped where this user may not mount one."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()[:100]}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(small_disk: Path, dlfs) -> None:
+    run = small_disk / "run"
+    os.chdir(small_disk)
+    # 120 KiB taken: the run's first files fit, its checkpoints soon do not
+    (small_disk / "ballast").write_bytes(b"\0" * 120 * 1024)
+    result = dlfs("train", "device=cpu", "trainer.epochs=200", "model.hidden_size=64", f"hydra.run.dir={run}")
+    assert result.code == 2 and "Traceback" not in result.err
+    line = result.err.strip().splitlines()[-1]
+    assert line.startswith("dlfs: error: could not write ") and str(run) in line and "the disk is full" in line, line
+    assert summary(run)["status"] == "failed" or "summary.json" in line  # said where it could still be said
+    assert not list(run.rglob(".*.tmp"))  # no half-written temporary file left
+    if (run / "checkpoints" / "last.pt").exists():
+        import torch
+
+        torch.load(run / "checkpoints" / "last.pt", weights_only=True)  # the previous one is whole
+
+
+def test_a_read_only_working_folder(small_disk: Path, dlfs) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    os.chdir(small_disk)
+    result = dlfs("train", "device=cpu")
+    assert result.code == 2 and "Traceback" not in result.err
+    assert "cannot create the output folder outputs" in result.err
+    assert "the file system is read-only" in result.err
