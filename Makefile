@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-dlfs
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow lint reproduce bench clean
+.PHONY: help install train test test-slow test-gpu lint reproduce bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -25,11 +25,14 @@ install: $(STAMP) ## create .venv if missing and install dlfs with its dev tools
 train: install ## run `dlfs train` (the embedded default: Boston housing MLP)
 	$(BIN)/dlfs train $(ARGS)
 
-test: install ## the fast offline tests
-	$(BIN)/python -m pytest -q $(ARGS)
+test: install ## the fast offline tests, on every core (pytest-xdist)
+	$(BIN)/python -m pytest -q -n auto $(ARGS)
 
 test-slow: install ## the slow tests only
 	$(BIN)/python -m pytest -q -m slow $(ARGS)
+
+test-gpu: install ## the GPU tests only (each skips, saying why, where CUDA is missing)
+	$(BIN)/python -m pytest -q -m gpu $(ARGS)
 
 reproduce: install ## `dlfs reproduce`: the book's chapter-7 table, re-run (non-zero exit when a number misses)
 	$(BIN)/dlfs reproduce $(ARGS)

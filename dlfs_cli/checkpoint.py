@@ -116,22 +116,32 @@ def describe(config: dict[str, Any]) -> str:
     return f"model={config['model']['name']} data={config['data']['name']}"
 
 
-def capture_rng() -> dict[str, Any]:
-    """Every global random number generator's state, as tensors and plain numbers."""
+def capture_rng(device: torch.device | None = None) -> dict[str, Any]:
+    """Every global random number generator's state, as tensors and plain numbers.
+
+    CUDA's generators only once this process has used CUDA: asking earlier would start CUDA (slowly,
+    and taking GPU memory) for a device=cpu run on a GPU machine, and unused generators hold nothing to
+    keep. The MPS generator (dropout on an Apple GPU) when training there."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "mps": torch.mps.get_rng_state() if device is not None and device.type == "mps" else None,
         "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
         "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
     }
 
 
 def restore_rng(state: dict[str, Any]) -> None:
+    """Put back what capture_rng took. A checkpoint from a machine with more GPUs holds more CUDA states
+    than this one has devices (resume runs at any process count): each GPU here takes its own, by index."""
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), index)
+    if state.get("mps") is not None and torch.backends.mps.is_available():  # absent from older checkpoints
+        torch.mps.set_rng_state(state["mps"].cpu())
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     p = state["python"]

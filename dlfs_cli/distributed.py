@@ -19,6 +19,7 @@ so the per-step stop flag never waits for the GPU.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import datetime
@@ -82,7 +83,16 @@ def world() -> World:
             torch.cuda.set_device(local_rank % torch.cuda.device_count())
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
+        atexit.register(_leave)  # a run that fails never reaches finish()
     return World(rank, size, local_rank)
+
+
+def _leave() -> None:
+    """At exit, the process group that finish() did not tear down (the run failed). PyTorch asks for it:
+    without it NCCL warns that pending operations may not have finished, and a rank that exits that way
+    can, rarely, block the other ranks."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def agree_on_run_stamp() -> None:

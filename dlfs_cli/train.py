@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import random
 import time
 from pathlib import Path
@@ -219,8 +218,7 @@ def _trained_any(run_dir: Path) -> bool:
 
 def set_deterministic(on: bool, device: torch.device) -> None:
     """PyTorch's deterministic algorithms, and what CUDA needs for them (cuBLAS workspace, no cuDNN autotune)."""
-    if on and device.type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
+    # CUBLAS_WORKSPACE_CONFIG, which CUDA needs for them, is set when dlfs_cli is imported (before torch)
     # warn_only: an operation with no deterministic kernel (some CUDA losses) warns instead of ending the run
     torch.use_deterministic_algorithms(on, warn_only=True)
     torch.backends.cudnn.deterministic = on

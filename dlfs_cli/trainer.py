@@ -22,6 +22,13 @@ from dlfs_cli.tracking import ProgressDisplay, RunFolder
 REGRESSION_METRICS = ["loss", "mse", "rmse", "mae"]
 CLASSIFICATION_METRICS = ["loss", "accuracy"]
 SEQUENCE_METRICS = ["loss", "bpc", "accuracy"]  # next-character prediction: loss in nats, bpc in bits
+PENDING_STEPS = 256  # on an accelerator: per-step losses kept on the device between folds into the running sums
+
+
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of running sums kept on `device`: float64 where the device has it; Apple's MPS has no
+    float64 (a float64 tensor there is an error), so float32."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def metric_names(loss_name: str, sequence: bool = False) -> list[str]:
@@ -113,7 +120,7 @@ def evaluate(
     loss_fn = make_loss(loss_name)
     carried = carried_state(loader)  # its own: evaluation never touches the training state
     keys = ["loss", "se", "ae"] if loss_name == "mse" else ["loss", "correct"]
-    sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
+    sums = torch.zeros(len(keys), dtype=sum_dtype(device), device=device)
     elements, sequence = 0, False
     for x, y in islice(loader, limit_batches):
         x, y = world.shard(x).to(device, non_blocking=True), world.shard(y).to(device, non_blocking=True)
@@ -128,7 +135,7 @@ def evaluate(
             batch += [(out - y).square().sum(), (out - y).abs().sum()]
         else:
             batch += [(out.argmax(dim=1) == y).sum()]
-        sums += torch.stack([v.double() for v in batch])
+        sums += torch.stack([v.to(sums.dtype) for v in batch])
         elements += y.numel()
     totals = world.sum(torch.cat([sums, sums.new_tensor([elements])]))
     values = dict(zip([*keys, "elements"], totals.tolist(), strict=True))  # one host sync per evaluation
@@ -195,8 +202,12 @@ class Trainer:
         self.stop_signal: int | None = None  # set by a signal handler: stop after the current step
         self._bad_here = False  # under torchrun on a CPU: this rank saw a NaN loss (all ranks stop together)
         self._start = time.monotonic()
+        # On an accelerator each step's loss (times its targets) waits in a device buffer, folded into the
+        # sums at log, save and epoch points or when full: one kernel a step instead of about eight.
+        on_host = device.type == "cpu"
+        self._pending = None if on_host else torch.zeros(PENDING_STEPS, dtype=torch.float32, device=device)
+        self._n_pending = 0
         # Divergence, tracked on the device: the first step whose loss was not finite (-1: none yet).
-        self._device_step = torch.zeros((), dtype=torch.int64, device=device)
         self._first_bad = torch.full((), -1, dtype=torch.int64, device=device)
 
     def fit(self, train_loader: Iterable, test_loader: Iterable, epochs: int, eval_every: int) -> dict[str, float]:
@@ -260,6 +271,7 @@ class Trainer:
                 self._save("last.pt")
                 raise Interrupted(stop, epoch, i, self.step, self.run.path)
             if progress.due():
+                self._fold()  # a host sync, at most every ProgressDisplay.REFRESH_S
                 progress.batch(i, float(sums["epoch"] / sums["epoch_n"]))
         self._stop_if_diverged(epoch, lr)
         if self.world.max_ints([sums["window_n"]])[0]:  # any rank: the row's numbers are summed over ranks
@@ -303,38 +315,54 @@ class Trainer:
         return len(loader) if self.limit_batches is None else min(len(loader), self.limit_batches)
 
     def _zero_sums(self) -> dict[str, Any]:
+        """Loss sums (on an accelerator: device tensors, read only at log points) and target counts (host ints)."""
         if self.device.type == "cpu":
             return {"epoch": 0.0, "epoch_n": 0, "window": 0.0, "window_n": 0}
-        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        zero = torch.zeros((), dtype=sum_dtype(self.device), device=self.device)
         return {"epoch": zero.clone(), "epoch_n": 0, "window": zero.clone(), "window_n": 0}
 
     def _account(self, loss: Tensor, elements: int, epoch: int, lr: float) -> None:
         """Add a step's loss (a mean over `elements` targets) to the running sums and watch for divergence.
 
         On a CPU reading the loss costs nothing, so every step is checked at once. On an accelerator a
-        read would stall the pipeline: the sums stay on the device, and a device-side flag remembers the
-        first step whose loss was NaN or infinite, read at log and save points."""
+        read would stall the pipeline: the loss goes into a device buffer (one kernel), and `_fold` adds
+        the buffer to the sums and notes the first step whose loss was NaN or infinite, read at log and
+        save points."""
         sums = self.sums
-        if self.device.type == "cpu":
+        if self._pending is not None:
+            torch.mul(loss, elements, out=self._pending[self._n_pending])
+            self._n_pending += 1
+            if self._n_pending == len(self._pending):
+                self._fold()
+        else:
             value = loss.item()
             if not math.isfinite(value):
                 if not self.world.distributed:
                     raise Diverged(epoch, self.step, lr)
                 self._bad_here = True  # _agree stops every rank
-            weighted = value * elements
-        else:
-            weighted = loss * elements
-            self._device_step += 1
-            first = (~torch.isfinite(loss)) & (self._first_bad < 0)
-            self._first_bad = torch.where(first, self._device_step, self._first_bad)
-        sums["epoch"] += weighted
-        sums["window"] += weighted
+            sums["epoch"] += value * elements
+            sums["window"] += value * elements
         sums["epoch_n"] += elements
         sums["window_n"] += elements
+
+    def _fold(self) -> None:
+        """The losses waiting in the device buffer into the running sums and the divergence flag; a few
+        kernels and no host sync. Called before the sums or the flag are read."""
+        n, self._n_pending = self._n_pending, 0
+        if n == 0:
+            return
+        losses = self._pending[:n]  # the losses of steps self.step - n + 1 ... self.step
+        total = losses.sum(dtype=sum_dtype(self.device))
+        self.sums["epoch"] += total
+        self.sums["window"] += total
+        bad = ~torch.isfinite(losses)
+        at = torch.where(bad.any(), bad.int().argmax() + (self.step - n + 1), -1)  # argmax: the first bad one
+        self._first_bad = torch.where(self._first_bad < 0, at, self._first_bad)
 
     def _stop_if_diverged(self, epoch: int, lr: float) -> None:
         """Every rank calls this at the same steps (log, save and epoch points), so under torchrun the
         ranks agree here on the first bad step any of them saw."""
+        self._fold()
         bad = int(self._first_bad)  # a host sync; on a CPU the flag is never set (_account checks every step)
         if self.world.distributed:
             never = 1 << 62
@@ -357,9 +385,16 @@ class Trainer:
         """A loss summed over n targets, as the mean over every rank's targets."""
         if not self.world.distributed:
             return float(total / max(n, 1))
-        both = torch.stack([torch.as_tensor(total, dtype=torch.float64), torch.tensor(float(n), dtype=torch.float64)])
-        total, n = self.world.sum(both.to(self.device)).tolist()
+        total, n = self._sum_over_ranks([total, n])
         return total / max(n, 1)
+
+    def _sum_over_ranks(self, values: list[Tensor | float]) -> list[float]:
+        """Element-wise sums over the ranks of a few numbers, some on this rank's device (the loss sums on an
+        accelerator) and some on the host (the counts): all are put on the device first, one dtype for all,
+        since a collective takes one tensor and the process group carries device tensors over NCCL."""
+        dtype = sum_dtype(self.device)
+        both = torch.stack([torch.as_tensor(v, dtype=dtype, device=self.device) for v in values])
+        return self.world.sum(both).tolist()
 
     def _evaluate_and_record(self, loader: Iterable, epoch: int, lr: float) -> dict[str, float]:
         metrics = evaluate(
@@ -395,7 +430,7 @@ class Trainer:
                 "step": self.step,
                 "metrics": self.final,
                 "best_loss": self.best_loss,
-                "rng": capture_rng(),
+                "rng": capture_rng(self.device),
                 "data_rng": self.data_rng,
                 "carried": None if carried is None else {"mode": self.carried.mode, "h": carried[0], "c": carried[1]},
                 "sums": sums,
@@ -418,16 +453,12 @@ class Trainer:
 
     def _sums_over_ranks(self) -> dict[str, Any]:
         """The running loss sums of the whole world (rank 0 takes them back on a resume)."""
+        self._fold()
         if not self.world.distributed:
             return self.sums
         keys = ["epoch", "epoch_n", "window", "window_n"]
-        values = [torch.as_tensor(self.sums[k], dtype=torch.float64).to(self.device) for k in keys]
-        total = self.world.sum(torch.stack(values)).tolist()
-        on_device = self.device.type != "cpu"
-        return {
-            k: int(v) if k.endswith("_n") else (torch.tensor(v, dtype=torch.float64) if on_device else v)
-            for k, v in zip(keys, total, strict=True)
-        }
+        total = self._sum_over_ranks([self.sums[k] for k in keys])
+        return {k: int(v) if k.endswith("_n") else v for k, v in zip(keys, total, strict=True)}
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint: weights, optimizer, schedule, position, running sums, every RNG."""
@@ -443,12 +474,12 @@ class Trainer:
             self.carried = CarriedState(carried["mode"])
             h, c = (self.world.shard(s, dim=1).to(self.device) for s in (carried["h"], carried["c"]))
             self.carried.state = (h, c)
-        sums = state["sums"]
-        self.sums = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in sums.items()}
-        if self.world.rank > 0:
-            self.sums = self._zero_sums()  # rank 0 holds the world's sums
+        # this device's kind of sums, whichever device saved them (a CUDA run's float64 sums resume on MPS too)
+        self.sums = self._zero_sums()
+        if self.world.rank == 0:  # rank 0 holds the world's sums
+            for k, v in state["sums"].items():
+                self.sums[k] += int(v) if k.endswith("_n") else float(v)
         self.elapsed_before = state["elapsed_s"]
-        self._device_step.fill_(self.step)
         restore_rng(state["rng"])  # last: nothing may draw a random number between here and the next step
         if self.world.rank > 0:  # the checkpoint holds rank 0's generators: other ranks draw their own masks
             torch.manual_seed(self.step * 1009 + self.world.rank)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,31 @@ def dlfs(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
         return Result(code, out, err)
 
     return run
+
+
+@pytest.fixture
+def run_here(dlfs, monkeypatch: pytest.MonkeyPatch) -> Callable[..., subprocess.CompletedProcess]:
+    """run_dlfs's twin in this process (no 2-3 s of interpreter and torch start-up): the same arguments,
+    a CompletedProcess back. For tests that do not need a fresh process."""
+
+    def run(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 120):
+        with monkeypatch.context() as m:
+            m.chdir(cwd)
+            for key, value in (env or {}).items():
+                m.setenv(key, value)
+            result = dlfs(*args)
+        return subprocess.CompletedProcess(["dlfs", *args], result.code, result.out, result.err)
+
+    return run
+
+
+def wait_for(condition: Callable[[], bool], proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Poll until `condition` holds; fail at once if the process ended first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the process ended first (exit {proc.returncode})"
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
 
 
 def write_idx(raw: Path, split: str, pixels, labels) -> None:

@@ -8,6 +8,7 @@ its traceback. A few cases run `python -m dlfs_cli` as a real process too.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shutil
 from pathlib import Path
@@ -221,3 +222,15 @@ def test_a_malformed_summary_never_hides_the_other_runs(world: Path, dlfs) -> No
     assert "5 run(s)" in result.out and "completed" in result.out  # run/, sweep/0 and the three bad ones
     assert result.out.count("unreadable") >= 3  # listed, with the reason
     assert "JSON list, not an object" in result.out
+
+
+def test_free_text_is_taken_as_typed(world: Path, dlfs) -> None:
+    """Spaces, commas and letters beyond ASCII in paths: no quoting beyond the shell's."""
+    data = world / "my data, é.csv"
+    shutil.copy(Path(__file__).parent.parent / "dlfs_cli" / "data" / "boston_house_prices.csv", data)
+    run = "runs/my run, é"
+    result = dlfs("train", *SMOKE, "figures.enabled=false", f"data.path={data.name}", f"hydra.run.dir={run}")
+    assert result.code == 0, result.err
+    assert json.loads((world / run / "summary.json").read_text())["status"] == "completed"
+    again = dlfs("train", *SMOKE, f"hydra.run.dir={run}")
+    assert again.code == 2 and "already holds a run" in again.err

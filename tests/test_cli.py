@@ -14,19 +14,19 @@ from dlfs_cli.config import conf_dir
 from tests.conftest import RUN_FILES, run_dlfs
 
 
-def test_help_lists_the_commands(tmp_path: Path) -> None:
+def test_help_lists_the_commands(run_here, tmp_path: Path) -> None:
     for args in (["--help"], []):
-        out = run_dlfs(*args, cwd=tmp_path)
+        out = run_here(*args, cwd=tmp_path)
         assert out.returncode == 0 and "train" in out.stdout and "usage: dlfs" in out.stdout
 
 
-def test_unknown_command_is_refused(tmp_path: Path) -> None:
-    out = run_dlfs("trian", cwd=tmp_path)
+def test_unknown_command_is_refused(run_here, tmp_path: Path) -> None:
+    out = run_here("trian", cwd=tmp_path)
     assert out.returncode != 0 and "unknown command 'trian'" in out.stderr and "train" in out.stderr
 
 
-def test_train_help_shows_the_config_groups_and_their_options(tmp_path: Path) -> None:
-    out = run_dlfs("train", "--help", cwd=tmp_path)
+def test_train_help_shows_the_config_groups_and_their_options(run_here, tmp_path: Path) -> None:
+    out = run_here("train", "--help", cwd=tmp_path)
     assert out.returncode == 0
     conf = conf_dir()
     for group in ("model", "data", "optimizer", "scheduler", "loss", "trainer", "experiment"):
@@ -36,8 +36,8 @@ def test_train_help_shows_the_config_groups_and_their_options(tmp_path: Path) ->
     assert "schema" not in out.stdout  # the typed schemas are not options
 
 
-def test_cfg_job_prints_the_composed_config(tmp_path: Path) -> None:
-    out = run_dlfs("train", "optimizer.lr=0.5", "--cfg", "job", cwd=tmp_path)
+def test_cfg_job_prints_the_composed_config(run_here, tmp_path: Path) -> None:
+    out = run_here("train", "optimizer.lr=0.5", "--cfg", "job", cwd=tmp_path)
     assert out.returncode == 0 and "lr: 0.5" in out.stdout
     assert not (tmp_path / "outputs").exists()
 
@@ -82,8 +82,10 @@ print("HEAVY", heavy)
         ),
     ],
 )
-def test_bad_input_is_one_line_non_zero_and_leaves_no_run(tmp_path: Path, override: str, message: str) -> None:
-    out = run_dlfs("train", *override.split(), cwd=tmp_path)
+def test_bad_input_is_one_line_non_zero_and_leaves_no_run(
+    run_here, tmp_path: Path, override: str, message: str
+) -> None:
+    out = run_here("train", *override.split(), cwd=tmp_path)
     assert out.returncode != 0
     assert "Traceback" not in out.stderr + out.stdout
     assert out.stderr.strip().splitlines() == [f"dlfs: error: {out.stderr.strip().removeprefix('dlfs: error: ')}"]
@@ -91,12 +93,12 @@ def test_bad_input_is_one_line_non_zero_and_leaves_no_run(tmp_path: Path, overri
     assert not (tmp_path / "outputs").exists(), "a refused run left a folder"
 
 
-def test_device_cuda_without_cuda_is_refused(tmp_path: Path) -> None:
+def test_device_cuda_without_cuda_is_refused(run_here, tmp_path: Path) -> None:
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    out = run_dlfs("train", "device=cuda", cwd=tmp_path)
+    out = run_here("train", "device=cuda", cwd=tmp_path)
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert (
         out.stderr.strip()
@@ -118,6 +120,7 @@ def test_a_cli_run_writes_the_whole_run_folder(tmp_path: Path) -> None:
     assert again.returncode != 0 and "already holds a run" in again.stderr
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_get_two_folders(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "dlfs_cli", "train", "trainer.epochs=0"]
     procs = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(2)]

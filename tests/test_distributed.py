@@ -35,6 +35,7 @@ def test_the_ranks_shards_make_up_the_batch(rows: int) -> None:
     assert abs(len(shards[0]) - len(shards[1])) <= 1
 
 
+@pytest.mark.slow
 def test_two_ranks_write_one_run_folder_and_train_as_one_process(make_cfg, tmp_path: Path) -> None:
     """The same global batch (trainer.batch_size) over 2 gloo ranks reaches the weights of 1 process:
     45 steps of digits, the last batch of 29 rows split 15 + 14."""

@@ -185,7 +185,7 @@ def test_eval_recomputes_the_recorded_metrics_exactly(make_cfg, tmp_path: Path) 
     assert "yes" in out.stdout and "NO" not in out.stdout
 
 
-def test_eval_errors_are_one_line(tmp_path: Path) -> None:
+def test_eval_errors_are_one_line(run_here, tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     for args, message in (
         (["run=nowhere"], "run=nowhere: no such folder"),
@@ -193,15 +193,15 @@ def test_eval_errors_are_one_line(tmp_path: Path) -> None:
         ([], "dlfs eval needs a run folder"),
         (["run=empty", "checkpoint=first"], "invalid value for checkpoint"),
     ):
-        out = run_dlfs("eval", *args, cwd=tmp_path)
+        out = run_here("eval", *args, cwd=tmp_path)
         assert out.returncode != 0 and "Traceback" not in out.stderr
         assert len(out.stderr.strip().splitlines()) == 1 and message in out.stderr, out.stderr
 
 
-def test_truncated_mnist_file_ends_the_cli_run_naming_it(mnist_root: Path, tmp_path: Path) -> None:
+def test_truncated_mnist_file_ends_the_cli_run_naming_it(run_here, mnist_root: Path, tmp_path: Path) -> None:
     images = mnist_root.joinpath(*RAW, "train-images-idx3-ubyte")
     images.write_bytes(images.read_bytes()[:5000])
-    out = run_dlfs("train", "model=mnist_cnn", f"data.root={mnist_root}", cwd=tmp_path)
+    out = run_here("train", "model=mnist_cnn", f"data.root={mnist_root}", cwd=tmp_path)
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == [out.stderr.strip()]
     assert f"{images} is truncated" in out.stderr

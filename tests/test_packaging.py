@@ -9,9 +9,12 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_the_wheel_trains_from_an_empty_folder(tmp_path: Path) -> None:
     wheels = tmp_path / "wheels"
     subprocess.run(

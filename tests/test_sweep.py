@@ -81,20 +81,20 @@ def test_dlfs_runs_lists_the_jobs_with_their_overrides_and_metrics(seed_sweep, c
     assert "1 run(s)" in capsys.readouterr().out
 
 
-def test_dlfs_runs_refuses_what_it_cannot_do(tmp_path: Path) -> None:
-    out = run_dlfs("runs", "nowhere", cwd=tmp_path)
+def test_dlfs_runs_refuses_what_it_cannot_do(run_here, tmp_path: Path) -> None:
+    out = run_here("runs", "nowhere", cwd=tmp_path)
     assert out.returncode == 2 and "nowhere: no such folder" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_a_finished_sweep_folder_is_not_overwritten(seed_sweep) -> None:
+def test_a_finished_sweep_folder_is_not_overwritten(run_here, seed_sweep) -> None:
     sweep, _ = seed_sweep
-    out = run_dlfs("train", "-m", "optimizer.lr=0.5", f"hydra.sweep.dir={sweep}", cwd=sweep.parent)
+    out = run_here("train", "-m", "optimizer.lr=0.5", f"hydra.sweep.dir={sweep}", cwd=sweep.parent)
     assert out.returncode == 2 and "already holds a sweep" in out.stderr
     assert len(read_csv(sweep / "summary.csv")) == 4
 
 
-def test_jobs_that_fail_or_diverge_in_parallel_do_not_stop_the_others(tmp_path: Path) -> None:
-    out = run_dlfs(
+def test_jobs_that_fail_or_diverge_in_parallel_do_not_stop_the_others(run_here, tmp_path: Path) -> None:
+    out = run_here(
         "train", "-m", "optimizer.lr=0.01,1e6,-1", *BOSTON, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
         "hydra.sweep.dir=sweep", cwd=tmp_path,
     )  # fmt: skip

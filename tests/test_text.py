@@ -17,7 +17,6 @@ from dlfs_cli.generate import sample
 from dlfs_cli.models import NextCharacterModel
 from dlfs_cli.train import train
 from dlfs_cli.trainer import CarriedState, evaluate
-from tests.conftest import run_dlfs
 
 ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 
@@ -164,7 +163,7 @@ def test_generation_is_deterministic_for_a_seed() -> None:
 
 
 @pytest.mark.parametrize("batching", ["streams", "book"])
-def test_smoke_run_then_generate(make_cfg, tmp_path: Path, batching: str) -> None:
+def test_smoke_run_then_generate(run_here, make_cfg, tmp_path: Path, batching: str) -> None:
     text = tmp_path / "t.txt"
     text.write_text("To be, or not to be, that is the question.\n" * 30)
     run = tmp_path / "run"
@@ -187,17 +186,17 @@ def test_smoke_run_then_generate(make_cfg, tmp_path: Path, batching: str) -> Non
     result = evaluate_run(run, "last")  # the config comes back typed (corpus, batching are enums)
     assert result["recomputed"] == result["recorded"] == metrics
     if batching == "streams":  # the CLI, in a fresh process: the same text twice for a seed
-        outs = [run_dlfs("generate", f"run={run}", "length=300", "seed=3", cwd=tmp_path) for _ in range(2)]
+        outs = [run_here("generate", f"run={run}", "length=300", "seed=3", cwd=tmp_path) for _ in range(2)]
         assert all(o.returncode == 0 for o in outs), outs[0].stderr
         assert outs[0].stdout == outs[1].stdout and len(outs[0].stdout) >= 300
 
 
-def test_generate_errors_are_one_line(tmp_path: Path) -> None:
+def test_generate_errors_are_one_line(run_here, tmp_path: Path) -> None:
     for args, message in (
         (["run=nowhere"], "run=nowhere: no such folder"),
         ([], "dlfs generate needs a run folder"),
         (["run=x", "temperature=-1"], "invalid value for temperature"),
     ):
-        out = run_dlfs("generate", *args, cwd=tmp_path)
+        out = run_here("generate", *args, cwd=tmp_path)
         assert out.returncode != 0 and "Traceback" not in out.stderr
         assert len(out.stderr.strip().splitlines()) == 1 and message in out.stderr, out.stderr

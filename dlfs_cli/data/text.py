@@ -82,15 +82,17 @@ class BookBatches:
         self.ids, self.batch, self.length = ids, batch_size, sequence_length
         # the notebook's range(0, len - B - L - 1, B): every row of every batch fits with its target
         self.starts = range(0, len(ids) - batch_size - sequence_length - 1, batch_size)
+        # (B, L + 1) positions from a batch start, on the characters' device: indexing a GPU tensor with a
+        # CPU index would copy the index to the GPU and wait for it, on every batch
+        offsets = torch.arange(sequence_length + 1, device=ids.device)
+        self.rows = torch.arange(batch_size, device=ids.device).unsqueeze(1) + offsets
 
     def __len__(self) -> int:
         return len(self.starts)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        offsets = torch.arange(self.length + 1)
-        rows = torch.arange(self.batch).unsqueeze(1) + offsets  # (B, L + 1) positions from a batch start
         for start in self.starts:
-            window = self.ids[start + rows]
+            window = self.ids[self.rows + start]
             yield window[:, :-1], window[:, 1:]
 
 

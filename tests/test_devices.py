@@ -1,0 +1,259 @@
+"""Every device, checked on a CPU: the bookkeeping that runs on CUDA, several GPUs and Apple's MPS,
+driven on PyTorch's `meta` device (tensors with a device and a dtype but no data) and with fakes for
+the GPU calls, so that a mistake that only a GPU machine would show fails here (issue 15)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from dlfs_cli import distributed
+from dlfs_cli import trainer as trainer_module
+from dlfs_cli.checkpoint import capture_rng, restore_rng
+from dlfs_cli.data.text import BookBatches
+from dlfs_cli.distributed import World
+from dlfs_cli.trainer import PENDING_STEPS, Diverged, Trainer, evaluate, sum_dtype
+
+META = torch.device("meta")
+
+
+@dataclass(frozen=True)
+class TwoRanks(World):
+    """Rank 0 of two, with the collective faked: it takes one tensor, which must be on the training
+    device (NCCL carries CUDA tensors only), and answers with ones on the host (meta tensors hold no numbers)."""
+
+    device: torch.device = META
+
+    def sum(self, values: Tensor) -> Tensor:
+        assert values.device == self.device, f"a collective got a tensor on {values.device}, not {self.device}"
+        return torch.ones(values.shape, dtype=values.dtype)
+
+
+class DeviceLog(TorchDispatchMode):
+    """Every operation that runs while active: its name, whether its tensors span several devices (an
+    implicit copy between host and device), and the float64 tensors it made on the device under test."""
+
+    def __init__(self, device: torch.device = META) -> None:
+        super().__init__()
+        self.device = device
+        self.ops: list[str] = []
+        self.mixed: list[str] = []
+        self.float64: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func.overloadpacket.__name__)
+        self.ops.append(name)
+        devices = {t.device for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor) and t.dim() > 0}
+        if len(devices) > 1:
+            self.mixed.append(name)
+        made = [t for t in tree_leaves(out) if isinstance(t, Tensor)]
+        if any(t.device == self.device and t.dtype == torch.float64 for t in made):
+            self.float64.append(name)
+        return out
+
+
+def meta_trainer(world: World, loss_name: str = "mse") -> Trainer:
+    model = nn.Linear(3, 1, device=META)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return Trainer(model, optimizer, None, loss_name, META, run=None, checkpoint_extra={}, world=world)
+
+
+# 1. the loss sums of several GPUs ---------------------------------------------------------------
+
+
+def test_the_sums_over_ranks_go_to_the_collective_on_the_training_device() -> None:
+    """Under torchrun on GPUs the loss sum lives on the GPU and the target count on the host: the collective
+    must get one tensor on the GPU (torch.stack refused the mix at every run's first log point)."""
+    trainer = meta_trainer(TwoRanks(0, 2))
+    trainer.step = 1
+    trainer._account(torch.ones((), device=META), 4, 1, 0.1)
+    with DeviceLog() as log:
+        assert trainer._mean_over_ranks(trainer.sums["window"], trainer.sums["window_n"]) == 1.0
+        sums = trainer._sums_over_ranks()
+    assert sums == {"epoch": 1.0, "epoch_n": 1, "window": 1.0, "window_n": 1}  # the fake collective's ones
+    assert not log.mixed
+
+
+# 2. no float64 where the device has none (Apple's MPS) --------------------------------------------
+
+
+def test_the_sum_dtype_policy() -> None:
+    assert sum_dtype(torch.device("mps")) == torch.float32
+    assert sum_dtype(torch.device("cuda")) == sum_dtype(torch.device("cpu")) == torch.float64
+
+
+def test_training_and_evaluation_make_no_float64_on_a_device_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The meta device plays MPS: the trainer's sums, its per-step accounting, the gathering of the sums and
+    evaluate's sums all follow sum_dtype, so no float64 tensor is ever made on the device."""
+    monkeypatch.setattr(trainer_module, "sum_dtype", lambda device: torch.float32)
+    world = TwoRanks(0, 2)
+    with DeviceLog() as log:
+        trainer = meta_trainer(world)
+        trainer.step = 1
+        trainer._account(torch.ones((), device=META), 4, 1, 0.1)
+        trainer._mean_over_ranks(trainer.sums["window"], trainer.sums["window_n"])
+        trainer._sums_over_ranks()
+        batches = [(torch.randn(8, 3), torch.randn(8, 1))]
+        metrics = evaluate(trainer.net, batches, "mse", META, world=world)
+    assert not log.float64, f"float64 made on the device by {log.float64}"
+    assert set(metrics) == {"test_loss", "test_mse", "test_rmse", "test_mae"}
+
+
+# 3. random number generators: fewer GPUs, no CUDA start for a CPU run, MPS ---------------------------
+
+
+def test_resuming_with_fewer_gpus_sets_only_the_gpus_that_exist(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint saved where 2 GPUs were visible, resumed where there is 1: restoring the second GPU's
+    generator was an error (invalid device ordinal), yet resume promises any process count."""
+    state = capture_rng()
+    state["cuda"] = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]
+    restored = []
+
+    def set_rng_state(new_state: Tensor, device: int | str = "cuda") -> None:
+        index = device if isinstance(device, int) else (torch.device(device).index or 0)
+        if index >= 1:
+            raise RuntimeError("CUDA error: invalid device ordinal")
+        restored.append((index, new_state))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    monkeypatch.setattr(torch.cuda.random, "set_rng_state", set_rng_state)  # what set_rng_state_all calls
+    restore_rng(state)
+    assert len(restored) == 1 and restored[0][0] == 0 and torch.equal(restored[0][1], state["cuda"][0])
+
+
+def test_a_cpu_run_does_not_start_cuda_to_save_its_generators(monkeypatch: pytest.MonkeyPatch) -> None:
+    """device=cpu on a GPU machine: CUDA was never used, so its generators are not asked for (asking
+    starts CUDA: seconds, and memory on the GPU, in every checkpoint of a CPU run)."""
+
+    def starts_cuda() -> list[Tensor]:
+        raise AssertionError("capture_rng started CUDA in a run that never used it")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", starts_cuda)
+    assert capture_rng()["cuda"] == [] and capture_rng(torch.device("cpu"))["cuda"] == []
+
+
+def test_the_mps_generator_is_saved_and_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dropout on an Apple GPU draws from the MPS generator: without it a resume there is not exact."""
+    saved = torch.arange(8, dtype=torch.uint8)
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda *args: saved.clone())
+    state = capture_rng(torch.device("mps"))
+    assert torch.equal(state["mps"], saved)
+    assert capture_rng(torch.device("cpu"))["mps"] is None  # only when training there
+    restored = []
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda new_state, *args: restored.append(new_state))
+    restore_rng(state)
+    assert len(restored) == 1 and torch.equal(restored[0], saved)
+    del state["mps"]  # a checkpoint from before the MPS generator was saved
+    restore_rng(state)
+    assert len(restored) == 1
+
+
+# 4. the book's LSTM batches: the index on the characters' device ----------------------------------------
+
+
+def test_book_batches_index_the_characters_on_their_own_device() -> None:
+    """The characters live on the GPU: an index built on the host is copied to the GPU, and waited for,
+    on every batch of book_lstm_charmodel."""
+    batches = BookBatches(torch.arange(100, device=META), batch_size=4, sequence_length=5)
+    with DeviceLog() as log:
+        x, y = next(iter(batches))
+    assert not log.mixed, f"host and device tensors in one operation: {log.mixed}"
+    assert x.device == y.device == META and x.shape == y.shape == (4, 5)
+
+
+# 7. the cuBLAS workspace: set before torch is imported ------------------------------------------------
+
+
+def test_the_cublas_workspace_is_set_before_torch_is_imported() -> None:
+    """trainer.deterministic=true on CUDA needs CUBLAS_WORKSPACE_CONFIG before the process first uses cuBLAS;
+    train() set it, too late for the second run of an in-process sweep or reproduction."""
+    code = "import os, sys, dlfs_cli; assert 'torch' not in sys.modules; print(os.environ['CUBLAS_WORKSPACE_CONFIG'])"
+    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == ":4096:8", out.stderr
+    env["CUBLAS_WORKSPACE_CONFIG"] = ":16:8"  # the user's own is kept
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == ":16:8", out.stderr
+
+
+# 9. per-step accounting on an accelerator -------------------------------------------------------------
+
+
+VIEWS = {"select", "slice", "alias", "view", "as_strided", "detach"}
+
+
+def test_accounting_a_step_on_an_accelerator_is_one_kernel() -> None:
+    trainer = meta_trainer(World())
+    loss = torch.ones((), device=META)
+    trainer._account(loss, 4, 1, 0.1)  # anything done once
+    with DeviceLog() as log:
+        for step in range(2, 12):
+            trainer.step = step
+            trainer._account(loss, 4, 1, 0.1)
+    kernels = [op for op in log.ops if op not in VIEWS]
+    assert len(kernels) == 10, kernels  # about 8 a step before
+
+
+def test_the_device_buffer_keeps_the_sums_and_the_first_bad_step() -> None:
+    """The accelerator path's arithmetic, on a CPU: losses folded into the sums when the buffer fills and at
+    a read, and the first non-finite loss named by its step, whichever fold saw it."""
+    trainer = Trainer(
+        nn.Linear(1, 1), torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1), None, "mse",
+        torch.device("cpu"), run=None, checkpoint_extra={},
+    )  # fmt: skip
+    trainer._pending = torch.zeros(PENDING_STEPS)  # as on a GPU (a CPU checks every step itself)
+    zero = torch.zeros((), dtype=torch.float64)
+    trainer.sums = {"epoch": zero.clone(), "epoch_n": 0, "window": zero.clone(), "window_n": 0}
+    steps = PENDING_STEPS + 20
+    for step in range(1, steps + 1):
+        trainer.step = step
+        trainer._account(torch.tensor(0.5), 2, 1, 0.1)
+    trainer._stop_if_diverged(1, 0.1)  # nothing bad yet
+    assert trainer.sums["epoch"].item() == steps * 1.0 and trainer.sums["epoch_n"] == 2 * steps
+    for step, loss in [(steps + 1, 1.0), (steps + 2, math.nan), (steps + 3, math.inf)]:
+        trainer.step = step
+        trainer._account(torch.tensor(loss), 2, 1, 0.1)
+    with pytest.raises(Diverged, match=f"at step {steps + 2} "):
+        trainer._stop_if_diverged(1, 0.1)
+
+
+# 11. a failed distributed run leaves no process group behind -------------------------------------------
+
+
+def test_a_failed_distributed_run_destroys_its_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """finish() tears the group down after a run that completed; a run that fails must too, at exit."""
+    group: dict[str, bool] = {"up": False}
+    destroyed, at_exit = [], []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: group["up"])
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: group.update(up=True))
+
+    def destroy() -> None:
+        destroyed.append(1)
+        group["up"] = False
+
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", destroy)
+    monkeypatch.setattr("atexit.register", at_exit.append)
+    assert distributed.world() == World(0, 2, 0)
+    # the run fails: finish() is never called; then the interpreter exits
+    for hook in at_exit:
+        hook()
+    assert destroyed == [1] and not group["up"]
