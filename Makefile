@@ -26,7 +26,7 @@ train: install ## run `dlfs train` (the embedded default: Boston housing MLP)
 	$(BIN)/dlfs train $(ARGS)
 
 test: install ## the fast offline tests, on every core (pytest-xdist)
-	$(BIN)/python -m pytest -q -n auto $(ARGS)
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup $(ARGS)
 
 test-slow: install ## the slow tests only
 	$(BIN)/python -m pytest -q -m slow $(ARGS)

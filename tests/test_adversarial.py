@@ -19,6 +19,9 @@ from dlfs_cli import runlock
 from dlfs_cli.train import train
 from tests.conftest import SMOKE, Result, run_dlfs
 
+# make test (-n auto --dist loadgroup): the module-scoped finished run is made once, on one worker
+pytestmark = pytest.mark.xdist_group("finished_run")
+
 LONG = "x" * 5000  # longer than any file name may be
 
 
@@ -100,7 +103,22 @@ CASES = [
     ("launcher-unknown", ["train", "-m", "hydra/launcher=nope", "seed=1,2"], 2, r"unknown option hydra/launcher=nope"),
     ("key-typo", ["train", "trainer.epcohs=3"], 2, r"unknown key 'trainer.epcohs' \(did you mean 'epochs'\?\)"),
     ("key-added", ["train", "+foo=1"], 2, r"unknown key 'foo'"),
-    ("logger-unknown", ["train", "logger=wandb"], 2, r"invalid value for logger"),
+    (
+        "logger-unknown",
+        ["train", "logger=wandb"],
+        2,
+        r"invalid value for logger: .*expected one of \[csv, tensorboard\]",
+    ),
+    ("activation-unknown", ["train", "model.activation=swish"], 2, r"invalid value for model.activation"),
+    ("key-added-nested", ["train", "+trainer.patience=3"], 2, r"unknown key 'trainer.patience'"),
+    ("unparsable", ["train", "optimizer.lr=[1"], 2, r"cannot parse override 'optimizer.lr=\[1'"),
+    # an experiment's keys that the chosen option does not have: the reason, on the same line
+    (
+        "experiment-vs-option",
+        ["train", "experiment=book_boston", "optimizer=adam"],
+        2,
+        r"Key 'momentum' not in 'AdamConfig'",
+    ),
     # --- numbers at their extremes
     ("seed-negative", ["train", "seed=-1"], 2, r"invalid value for seed: -1 \(a seed is between 0 and 4294967295\)"),
     ("seed-huge", ["train", "seed=4294967296"], 2, r"invalid value for seed: 4294967296"),

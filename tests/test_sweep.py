@@ -20,6 +20,9 @@ from dlfs_cli.train import train
 
 BOSTON = ["trainer.epochs=2", "device=cpu", "figures.enabled=false"]
 
+# make test (-n auto --dist loadgroup): the module-scoped sweep runs once, on one worker
+pytestmark = pytest.mark.xdist_group("seed_sweep")
+
 
 def read_csv(path: Path) -> list[dict[str, str]]:
     with open(path, newline="") as f:
@@ -93,6 +96,16 @@ def test_a_finished_sweep_folder_is_not_overwritten(run_here, seed_sweep) -> Non
     assert len(read_csv(sweep / "summary.csv")) == 4
 
 
+def test_jobs_that_fail_or_diverge_do_not_stop_the_others(run_here, tmp_path: Path) -> None:
+    """Hydra's basic launcher, in this process; joblib's parallel processes in the slow test below."""
+    out = run_here("train", "-m", "optimizer.lr=0.01,1e6,-1", *BOSTON, "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr + out.stdout
+    assert "2 of the sweep's jobs did not complete (job 1 diverged, job 2 failed)" in out.stderr
+    rows = read_csv(tmp_path / "sweep" / "summary.csv")
+    assert [r["status"] for r in rows] == ["completed", "diverged", "failed"]
+
+
+@pytest.mark.slow  # joblib's worker processes each import torch (~8 s)
 def test_jobs_that_fail_or_diverge_in_parallel_do_not_stop_the_others(run_here, tmp_path: Path) -> None:
     out = run_here(
         "train", "-m", "optimizer.lr=0.01,1e6,-1", *BOSTON, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
