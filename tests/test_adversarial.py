@@ -19,13 +19,13 @@ from dlfs_cli import runlock
 from dlfs_cli.train import train
 from tests.conftest import SMOKE, Result, run_dlfs
 
-# make test (-n auto --dist loadgroup): the module-scoped finished run is made once, on one worker
+# make test (-n auto --dist loadgroup): the finished run is made once, on one worker
 pytestmark = pytest.mark.xdist_group("finished_run")
 
 LONG = "x" * 5000  # longer than any file name may be
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A completed Boston run, made once; each case gets its own copy."""
     from hydra import compose, initialize_config_dir

@@ -20,7 +20,7 @@ from dlfs_cli.train import train
 
 BOSTON = ["trainer.epochs=2", "device=cpu", "figures.enabled=false"]
 
-# make test (-n auto --dist loadgroup): the module-scoped sweep runs once, on one worker
+# make test (-n auto --dist loadgroup): the sweep fixture runs once, on one worker
 pytestmark = pytest.mark.xdist_group("seed_sweep")
 
 
@@ -29,7 +29,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def seed_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     """Two learning rates x two seeds, Hydra's basic launcher."""
     cwd = tmp_path_factory.mktemp("seed_sweep")
