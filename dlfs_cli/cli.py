@@ -38,7 +38,10 @@ def _train_app(cfg: DictConfig) -> float | None:
         lifecycle.protect_console()  # a job in a launcher's worker process has its own console
         try:
             runlock.acquire(run_dir)  # held by this job until it ends (a single run's: since on_run_start)
-        except DlfsError as ex:  # another process writes this folder: record nothing in it
+            if (run_dir / "summary.json").exists():  # a hydra.sweep.subdir that two jobs share, or an old run
+                raise DlfsError(f"{run_dir} already holds a run; each job needs a folder of its own")
+        except DlfsError as ex:  # another process writes this folder, or it holds a run: write nothing there
+            runlock.release(run_dir)
             return sweep.job_refused(cfg, ex)
     try:
         return _train_job(cfg, run_dir, multirun)
@@ -69,8 +72,7 @@ def _train_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> float | None:
             ex = DlfsError(os_error_message(ex))
         if multirun:  # recorded in the job's folder; the other jobs go on
             return sweep.job_failed(run_dir, cfg, ex)
-        if _rank() == 0:
-            runlock.drop_refused(run_dir)  # only when nothing but Hydra's files and the lock are there
+        runlock.drop_refused(run_dir)  # only if this process holds it, and nothing but Hydra's files are there
         raise UserError(str(ex), ex.exit_code) from None
     except Exception as ex:  # a crash (train() has logged its traceback): in a sweep, one job's alone
         if multirun:
@@ -98,7 +100,7 @@ def _under_torchrun() -> bool:
 
 
 def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    return runlock.torchrun_rank()
 
 
 def _rerun_under_torchrun(nproc: int, run_dir: Path) -> NoReturn:
@@ -108,8 +110,11 @@ def _rerun_under_torchrun(nproc: int, run_dir: Path) -> NoReturn:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    args = [a for a in sys.argv[1:] if not a.startswith("hydra.run.dir=")]
-    argv = ["--standalone", f"--nproc_per_node={nproc}", "-m", "dlfs_cli", "train", *args, f"hydra.run.dir={run_dir}"]
+    lifecycle.check("before torchrun started the ranks; nothing was trained")
+    args = [a for a in sys.argv[1:] if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
+    if not any(a.lstrip("+").startswith("resume=") for a in args):  # a resume's ranks find the folder themselves
+        args.append(f"hydra.run.dir={run_dir}")
+    argv = ["--standalone", f"--nproc_per_node={nproc}", "-m", "dlfs_cli", "train", *args]
     print(f"dlfs: trainer.nproc={nproc}: torchrun {' '.join(argv)}", flush=True)
     os.environ[runlock.PARENT_ENV] = str(run_dir.resolve())  # this process holds the lock for the ranks
     try:
@@ -119,7 +124,7 @@ def _rerun_under_torchrun(nproc: int, run_dir: Path) -> NoReturn:
     except ChildFailedError as ex:  # a rank's own exit code (a rank stopped by torchrun itself has none)
         codes = [f.exitcode for _, f in sorted(ex.failures.items()) if f.exitcode > 0]
         raise SystemExit(codes[0] if codes else 1) from None
-    raise SystemExit(0)
+    raise SystemExit(lifecycle.exit_code() or 0)  # a signal to this process after the ranks had finished
 
 
 class UserError(SystemExit):
@@ -319,12 +324,17 @@ def _finish_sweep() -> None:
     if folder is None or folder.path is None or not folder.path.is_dir():
         return
     incomplete = sweep.summarize(folder)
+    refused = sweep.refused_jobs(folder.path)
+    stopped = folder.stopped()
+    if stopped:
+        (folder.path / sweep.STOP_FILE).unlink()
+    if refused:
+        _fail(f"{len(refused)} of the sweep's jobs were refused their folder ({'; '.join(refused)})")
     if incomplete:
         which = ", ".join(f"job {r.job} {r.status}" for r in incomplete)
         summary = folder.path / sweep.SUMMARY_CSV
         message = f"{len(incomplete)} of the sweep's jobs did not complete ({which}); see {summary}"
-        if folder.stopped():  # a stop asked for, not an error
-            (folder.path / sweep.STOP_FILE).unlink()
+        if stopped:  # a stop asked for, not an error
             print(f"dlfs: sweep interrupted: {message}", file=sys.stderr)
             sys.exit(lifecycle.exit_code() or 130)
         _fail(message)
@@ -400,7 +410,10 @@ def _run(command: str, app: Callable[[], object], rest: list[str]) -> None:
         if command == "train" and _is_multirun(rest):
             _finish_sweep()
     finally:
-        runlock.release_all()  # the folder is finished with (the process ending would release it too)
+        for folder in list(runlock.MADE):  # one this command made but never wrote to: refused, leave nothing
+            runlock.drop_refused(folder)
+        runlock.MADE.clear()
+        runlock.release_all()  # the folders are finished with (the process ending would release them too)
     if command == "train" and _under_torchrun():
         from dlfs_cli import distributed
 
@@ -413,7 +426,9 @@ def _run(command: str, app: Callable[[], object], rest: list[str]) -> None:
 FREE_TEXT = ("hydra.run.dir", "hydra.sweep.dir", "data.path", "data.root", "resume", "run", "prime")
 # Hydra's options that take the next argument as their value (never an override).
 _OPTIONS_WITH_VALUE = {"-c", "--cfg", "-p", "--package", "-cp", "--config-path", "-cn", "--config-name"}
-_OPTIONS_WITH_VALUE |= {"-cd", "--config-dir", "-sc", "--shell-completion", "--experimental-rerun"}
+_OPTIONS_WITH_VALUE |= {"-cd", "--config-dir", "--experimental-rerun"}
+_GROUPS = {"model", "data", "optimizer", "scheduler", "loss", "trainer", "experiment"}  # conf/<group>/
+_INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}  # --info [CHOICE]
 
 
 def prepare_overrides(args: list[str], multirun: bool) -> list[str]:
@@ -426,14 +441,24 @@ def prepare_overrides(args: list[str], multirun: bool) -> list[str]:
     parser = OverridesParser.create()
     out: list[str] = []
     takes_value = False
+    takes_info_value = False
     for arg in args:
         if takes_value or arg.startswith("-"):
             takes_value = arg in _OPTIONS_WITH_VALUE
+            takes_info_value = arg in ("-i", "--info")
+            out.append(arg)
+            continue
+        if takes_info_value and arg in _INFO_CHOICES:
             out.append(arg)
             continue
         key, eq, value = arg.partition("=")
         bare = key.lstrip("+~").strip()
-        if not eq and not key.startswith("~"):
+        if value.strip() == "null" and (bare in _GROUPS or "/" in bare):
+            _fail(f"{bare}=null: a config group takes one of its options; to choose none, leave {bare} out")
+        if key.startswith("~") or value.strip() == "null":  # a deletion, or null: Hydra's own
+            out.append(arg)
+            continue
+        if not eq:
             _fail(f"cannot parse '{arg}': overrides are KEY=VALUE (e.g. trainer.epochs=3)")
         if not bare:
             _fail(f"cannot parse override '{arg}': no key before '=' (write KEY=VALUE, e.g. seed=3)")

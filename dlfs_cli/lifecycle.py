@@ -65,7 +65,7 @@ def stop_signals() -> Iterator[None]:
     if _installed or threading.current_thread() is not threading.main_thread():  # handlers: main thread only
         yield
         return
-    previous = {s: signal.signal(s, _handle) for s in STOP_SIGNALS}
+    previous = {s: signal.signal(s, _handle) for s in _honoured()}
     _installed = True
     try:
         yield
@@ -80,9 +80,15 @@ def install_for_process() -> None:
     """The CLI: the handlers for the process's whole life (never restored: the process ends with them)."""
     global _installed
     if not _installed and threading.current_thread() is threading.main_thread():
-        for s in STOP_SIGNALS:
+        for s in _honoured():
             signal.signal(s, _handle)
         _installed = True
+
+
+def _honoured() -> list[int]:
+    """The stop signals this process has not been told to ignore (`nohup` ignores SIGHUP; a shell's
+    background job ignores SIGINT): those stay ignored."""
+    return [s for s in STOP_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN]
 
 
 def exit_code() -> int | None:

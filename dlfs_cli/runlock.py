@@ -54,9 +54,7 @@ def acquire(folder: Path) -> None:
     if key in _held:
         return
     fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    if not _try_lock(fd):
         who = _describe(_read(fd))
         os.close(fd)
         raise Busy(
@@ -73,9 +71,34 @@ def acquire(folder: Path) -> None:
     _held[key] = fd
 
 
+def torchrun_rank() -> int:
+    """This process's rank under torchrun (0 otherwise: a stray RANK variable alone means nothing)."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
+def parent_holds(folder: Path) -> bool:
+    """trainer.nproc=N: the dlfs process that started torchrun holds this folder's lock for its ranks."""
+    parent = os.environ.get(PARENT_ENV)
+    return bool(parent) and Path(parent).resolve() == folder.resolve()
+
+
 def holds(folder: Path) -> bool:
     """True when this process holds the folder's lock."""
     return folder.resolve() in _held
+
+
+def _try_lock(fd: int, patience_s: float = 0.5) -> bool:
+    """The exclusive lock, waiting out a reader's probe (holder() holds a shared lock for a moment), never
+    a writer: one holds it for its whole life."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
 
 
 def release(folder: Path) -> None:
@@ -165,10 +188,9 @@ def _continued(config: DictConfig) -> bool:
         if run_dir != Path(str(config.resume)).resolve():
             raise DlfsError("resume= continues a run in its own folder: leave hydra.run.dir out")
         return True
-    parent = os.environ.get(PARENT_ENV)
-    if parent and run_dir == Path(parent).resolve():
+    if parent_holds(run_dir):
         return True
-    return int(os.environ.get("RANK", "0")) > 0
+    return torchrun_rank() > 0
 
 
 def _guard(config: DictConfig, key: str) -> None:
@@ -180,9 +202,12 @@ def _guard(config: DictConfig, key: str) -> None:
             raise DlfsError(f"{key} is empty: give a folder, e.g. {key}=outputs/my_run")
         folder = Path(os.path.normpath(raw))  # as the file system will read it: a/../b is b
         if key == "hydra.run.dir" and _continued(config):
-            if os.environ.get(PARENT_ENV) or int(os.environ.get("RANK", "0")) > 0:
+            if parent_holds(folder) or torchrun_rank() > 0:
                 return  # the parent process, or torchrun's rank 0, holds the lock
             if not (folder / "summary.json").is_file():
+                who = holder(folder)
+                if who is not None:  # a run still starting: it has no summary.json yet
+                    raise Busy(f"resume={folder}: the run is still being written by another dlfs process ({who})")
                 return  # not a run: resume refuses it, and nothing is written there
             try:
                 acquire(folder)
@@ -205,18 +230,24 @@ def _guard(config: DictConfig, key: str) -> None:
 
 def drop_refused(folder: Path) -> None:
     """A run or sweep refused before it began leaves nothing behind: the files Hydra and the lock put into
-    its folder go, and the folder too when this process made it (with the empty folders made for it)."""
-    release(folder)
-    if not folder.is_dir() or not {p.name for p in folder.iterdir()} <= OWN_FILES:
+    its folder go, and the folder too when this process made it (with the empty folders made for it).
+    Only a folder whose lock this process holds: never one that another process writes."""
+    if not holds(folder):
         return
-    for name in OWN_FILES:
+    if not folder.is_dir() or not {p.name for p in folder.iterdir()} <= OWN_FILES:
+        release(folder)
+        return
+    for name in OWN_FILES:  # the lock file last, while still held: nobody takes a lock on a file going away
         path = folder / name
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
-        else:
+        elif name != LOCK_FILE:
             path.unlink(missing_ok=True)
+    (folder / LOCK_FILE).unlink(missing_ok=True)
+    release(folder)
     if folder.resolve() not in MADE:
         return
+    MADE.discard(folder.resolve())
     cwd = Path.cwd().resolve()
     for empty in [folder.resolve(), *folder.resolve().parents]:
         if empty == cwd or not empty.is_relative_to(cwd) or any(empty.iterdir()):

@@ -123,10 +123,27 @@ class Skipped(DlfsError):
     pass
 
 
+REFUSED_FILE = ".refused"  # in the sweep folder: one line per job refused its folder (any launcher's process)
+
+
 def job_refused(cfg: DictConfig, ex: Exception) -> float:
-    """A job whose folder another process is writing: nothing is written there; the sweep goes on."""
-    log.error("job %s: %s", HydraConfig.get().job.num, ex)
+    """A job whose folder another process writes, or that holds a run already: nothing is written there;
+    the sweep goes on, and its end says so."""
+    num = HydraConfig.get().job.num
+    log.error("job %s: %s", num, ex)
+    with open(Path(HydraConfig.get().sweep.dir) / REFUSED_FILE, "a", encoding="utf-8") as f:
+        f.write(f"job {num} refused: {ex}\n")
     return math.nan
+
+
+def refused_jobs(folder: Path) -> list[str]:
+    """The refusals job_refused recorded (the file is removed: the sweep's end has reported them)."""
+    path = folder / REFUSED_FILE
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    path.unlink()
+    return lines
 
 
 def job_failed(run_dir: Path, cfg: DictConfig, ex: Exception) -> float:

@@ -122,7 +122,7 @@ class RunFolder:
         Rank 0 holds the folder's lock from here to close() (the CLI took it earlier: then a no-op)."""
         with writing(self.path):
             self.path.mkdir(parents=True, exist_ok=True)
-        if self.rank == 0 and not runlock.holds(self.path):
+        if self.rank == 0 and not runlock.holds(self.path) and not runlock.parent_holds(self.path):
             runlock.acquire(self.path)
             self._took_lock = True
         self._metrics_columns = ["epoch", "step", "split", "lr", *metric_columns, "elapsed_s"]

@@ -252,3 +252,20 @@ def test_free_text_is_taken_as_typed(world: Path, dlfs) -> None:
     assert json.loads((world / run / "summary.json").read_text())["status"] == "completed"
     again = dlfs("train", *SMOKE, f"hydra.run.dir={run}")
     assert again.code == 2 and "already holds a run" in again.err
+
+
+def test_what_hydra_reads_itself_passes_through(world: Path, dlfs) -> None:
+    """null, deletions and --info's choices are Hydra's: dlfs's own checks leave them alone."""
+    shown = dlfs("train", "--cfg", "job", "data.path=null", "resume=null")
+    assert shown.code == 0 and "  path: null" in shown.out and "resume: null" in shown.out
+    info = dlfs("train", "--info", "defaults")
+    assert info.code == 0 and "trainer/default" in info.out
+
+
+def test_a_stray_rank_variable_does_not_open_the_folder(world: Path, dlfs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RANK alone (clusters export it) is not torchrun: the overwrite check still holds."""
+    monkeypatch.setenv("RANK", "1")
+    before = snapshot(world)
+    result = dlfs("train", "hydra.run.dir=run")
+    assert result.code == 2 and "already holds a run" in result.err
+    assert snapshot(world) == before

@@ -124,3 +124,28 @@ def test_a_read_only_working_folder(small_disk: Path, dlfs, monkeypatch: pytest.
     assert result.code == 2 and "Traceback" not in result.err
     assert "cannot create the output folder outputs" in result.err
     assert "the file system is read-only" in result.err
+
+
+def test_a_refused_resume_leaves_a_starting_run_alone(tmp_path: Path, dlfs, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that holds its folder but has no summary.json yet (still setting up): resume= is refused, and
+    nothing of the folder is removed."""
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("{}\n")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"  # waits for the line, not for a clock
+        monkeypatch.chdir(tmp_path)
+        result = dlfs("train", f"resume={run}")
+        assert result.code == 2 and f"still being written by another dlfs process (PID {holder.pid}" in result.err
+        assert sorted(p.name for p in run.iterdir()) == [".dlfs.lock", ".hydra"]
+    finally:
+        holder.communicate("")  # its stdin closes: it exits and the kernel drops its lock
+
+
+HOLD = (
+    "import sys; from pathlib import Path; from dlfs_cli import runlock\n"
+    "runlock.acquire(Path(sys.argv[1])); print('held', flush=True); sys.stdin.read()\n"
+)

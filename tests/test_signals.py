@@ -187,3 +187,11 @@ def test_a_closed_console_never_stops_a_sweep(tmp_path: Path) -> None:
     rows = (sweep / "summary.csv").read_text().splitlines()
     assert len(rows) == 4 and all(",completed," in row for row in rows[1:])
     assert all(summary(sweep / str(job))["status"] == "completed" for job in range(3))
+
+
+def test_an_ignored_signal_stays_ignored(process_handlers) -> None:
+    """nohup ignores SIGHUP, a shell's background job SIGINT: dlfs leaves them ignored."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    lifecycle.install_for_process()
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    assert signal.getsignal(signal.SIGTERM) is lifecycle._handle
