@@ -69,7 +69,7 @@ def resume(make_cfg, run: Path) -> dict[str, float]:
             13,
             marks=pytest.mark.slow,
         ),
-        (
+        pytest.param(  # the carried LSTM state
             [
                 "model=lstm_charmodel",
                 "model.hidden_size=16",
@@ -78,8 +78,9 @@ def resume(make_cfg, run: Path) -> dict[str, float]:
                 "data.sequence_length=10",
             ],
             27,
-        ),  # the carried LSTM state
-        (
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
             [
                 "model=lstm_charmodel",
                 "model.hidden_size=16",
@@ -88,6 +89,7 @@ def resume(make_cfg, run: Path) -> dict[str, float]:
                 "data.batching=book",
             ],
             9,
+            marks=pytest.mark.slow,
         ),
     ],
     ids=["boston-mid-epoch", "boston-epoch-end", "cnn-digits", "lstm-streams", "lstm-book"],

@@ -3,7 +3,9 @@ logger=tensorboard."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import signal
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import SMOKE, run_dlfs
 
+from dlfs_cli import cli, lifecycle
 from dlfs_cli.runs import list_runs
 from dlfs_cli.train import train
 
@@ -33,8 +36,18 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 def seed_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     """Two learning rates x two seeds, Hydra's basic launcher."""
     cwd = tmp_path_factory.mktemp("seed_sweep")
-    out = run_dlfs("train", "-m", "optimizer.lr=0.1,0.01", "seed=1,2", *BOSTON, "hydra.sweep.dir=sweep", cwd=cwd)
-    return cwd / "sweep", out
+    with pytest.MonkeyPatch.context() as m:  # in this process: the dlfs fixture's set-up, for a session fixture
+        m.setattr(lifecycle, "install_for_process", lambda: None)
+        m.setattr(sys, "argv", ["dlfs"])
+        m.setenv("HYDRA_FULL_ERROR", "1")
+        m.chdir(cwd)
+        code, out, err = 0, io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.main(["train", "-m", "optimizer.lr=0.1,0.01", "seed=1,2", *BOSTON, "hydra.sweep.dir=sweep"])
+            except SystemExit as ex:
+                code = ex.code if isinstance(ex.code, int) else 1
+    return cwd / "sweep", subprocess.CompletedProcess([], code, out.getvalue(), err.getvalue())
 
 
 def test_a_sweep_ends_with_summary_csv_ranked_by_the_metric(seed_sweep) -> None:
