@@ -248,6 +248,7 @@ class TrainerConfig:
     channels_last: bool = False  # convolutions in NHWC memory layout (often faster on CPUs and tensor cores)
     compile: bool = False  # torch.compile the model (a one-off compilation first)
     cudnn_benchmark: bool = False  # CUDA: let cuDNN time its algorithms for these shapes (not with deterministic)
+    tf32: bool = False  # CUDA (Ampere and later): TensorFloat32 in float32 matmuls and convolutions; off: true float32
 
 
 @dataclass

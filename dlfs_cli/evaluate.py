@@ -11,7 +11,7 @@ import torch
 from dlfs_cli.checkpoint import load_run_model
 from dlfs_cli.data import build_data
 from dlfs_cli.models import RECONSTRUCTS
-from dlfs_cli.train import resolve_device
+from dlfs_cli.train import resolve_device, set_tf32
 from dlfs_cli.trainer import evaluate
 
 
@@ -21,6 +21,7 @@ def evaluate_run(run_dir: Path, checkpoint: str = "last", device: str | None = N
 
     def info_for(cfg, state):  # the run's own data, rebuilt: it sizes the model and is what gets evaluated
         target = resolve_device(device or cfg.device)  # the run's device setting unless one is named
+        set_tf32(cfg.trainer.tf32)  # the run's float32 policy on a GPU, as it was measured
         data["bundle"], data["device"] = (
             build_data(cfg.data, cfg.trainer.batch_size, cfg.trainer.seed, target, cfg.model.name in RECONSTRUCTS),
             target,

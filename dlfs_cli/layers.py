@@ -8,6 +8,8 @@ mode for good).
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 from torch import Tensor, nn
 
@@ -78,6 +80,13 @@ class ConvLayer(nn.Module):
 LSTMState = tuple[Tensor, Tensor]
 
 
+def lstm_precision(x: Tensor) -> AbstractContextManager:
+    """On CUDA the LSTM runs in float32 outside autocast: CUDA autocast runs cuDNN's LSTM in float16
+    whatever autocast's dtype (bf16 asked), and dlfs has no gradient scaler for float16's small gradients.
+    The CPU keeps autocast's own choice (bfloat16 under trainer.precision=bf16)."""
+    return torch.autocast("cuda", enabled=False) if x.is_cuda else nullcontext()
+
+
 class LSTMLayer(nn.Module):
     """nn.LSTM(batch_first) over the whole sequence, then a DenseLayer at every time step.
 
@@ -94,7 +103,8 @@ class LSTMLayer(nn.Module):
 
     def forward(self, x: Tensor, state: LSTMState | None = None) -> tuple[Tensor, LSTMState]:
         """(batch, length, input_size) -> (batch, length, output_size), final (h, c) of shape (1, batch, hidden)."""
-        out, (h, c) = self.lstm(x, state)
+        with lstm_precision(x):
+            out, (h, c) = self.lstm(x.float(), state)  # float32 whatever the caller passes (a no-op for one-hots)
         return self.fc(out), (h, c)
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> LSTMState:

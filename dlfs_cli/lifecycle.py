@@ -150,6 +150,13 @@ class _Console:
         except OSError as ex:
             self._lost(ex)
             return len(text)
+        except ValueError:  # "I/O operation on closed file": gone too
+            self.gone = True
+            return len(text)
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
 
     def flush(self) -> None:
         if self.gone:

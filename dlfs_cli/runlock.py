@@ -40,6 +40,20 @@ _held: dict[Path, int] = {}  # resolved folder -> the open lock file (closing it
 MADE: set[Path] = set()  # resolved folders this process created for a run or sweep (a refusal removes them)
 
 
+def _forget_in_child() -> None:
+    """A forked child (a DataLoader worker) shares the parent's lock: it closes its copies (never unlocks:
+    that would release the parent's lock), so the lock dies with the parent, not with its last worker."""
+    for fd in _held.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
 class Busy(DlfsError):
     """The folder is being written by another process (`who`: its PID, host, since, command)."""
 

@@ -2,7 +2,8 @@
 
 - Each job's outcome lives in its own run folder; a job that fails, diverges or is interrupted
   is recorded there and the sweep goes on (`job_failed`).
-- Parallel jobs share the cores: each job gets cores / (jobs at a time) threads (`job_threads`).
+- Parallel jobs share the cores: each job gets cores / (jobs at a time) threads (`job_threads`),
+  and with device=cuda the visible GPUs, one job after another (`job_gpu`).
 - When the sweep ends, summary.csv at the sweep folder's root has one row per job, and the same
   table is printed ranked by `sweep.metric`, with the seeds of one setting aggregated (`summarize`).
 
@@ -105,6 +106,15 @@ def job_threads(cores: int | None = None) -> int | None:
     if "submitit" in target and launcher.get("cpus_per_task"):
         return int(launcher.cpus_per_task)
     return None
+
+
+def job_gpu(device_count: int) -> int | None:
+    """The GPU of this job when a joblib sweep trains on CUDA: job number modulo the visible GPUs, so the
+    jobs running at once spread over them (every one took GPU 0); None outside a joblib sweep (the basic
+    launcher runs one job at a time; SLURM gives each job GPUs of its own: gpus_per_task)."""
+    if device_count < 1 or not in_sweep() or "Joblib" not in _launcher()[0]:
+        return None
+    return int(HydraConfig.get().job.num) % device_count
 
 
 def _cores() -> int:

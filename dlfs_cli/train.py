@@ -49,8 +49,9 @@ def _train(cfg: DictConfig, run_dir: Path, resume: bool, threads: int | None, li
         raise DlfsError("data.batching=book carries the batch's mean state across ranks: use data.batching=streams")
     if world.distributed and cfg.trainer.batch_size < world.size:
         raise DlfsError(f"trainer.batch_size={cfg.trainer.batch_size} is the global batch: at least one row per rank")
-    device = resolve_device(cfg.device, world.local_rank if world.distributed else None)
+    device = sweep_device(resolve_device(cfg.device, world.local_rank if world.distributed else None))
     set_deterministic(cfg.trainer.deterministic, device)
+    set_tf32(cfg.trainer.tf32)
     if device.type == "cuda":  # set either way: the flag is process-wide (an in-process sweep's next job)
         torch.backends.cudnn.benchmark = cfg.trainer.cudnn_benchmark and not cfg.trainer.deterministic
     # The data order's generator takes the seed itself (the same order on every rank); the global
@@ -88,6 +89,7 @@ def _train(cfg: DictConfig, run_dir: Path, resume: bool, threads: int | None, li
         "seed": cfg.trainer.seed,
         "device": str(device),
         "deterministic": cfg.trainer.deterministic,
+        "tf32": cfg.trainer.tf32,
         "world_size": world.size,
         "threads": torch.get_num_threads(),
         "versions": versions(),
@@ -226,6 +228,15 @@ def set_deterministic(on: bool, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def set_tf32(on: bool) -> None:
+    """trainer.tf32: TensorFloat32 (10-bit mantissa) in CUDA's float32 matmuls and cuDNN convolutions, or true
+    float32. Set either way: the flags are process-wide (an in-process sweep's next job), and torch's own
+    defaults mix them (TF32 convolutions, float32 matmuls). The CPU has no TF32: nothing changes there."""
+    torch.set_float32_matmul_precision("high" if on else "highest")
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+
+
 def _figures(run: RunFolder, cfg: DictConfig, model: torch.nn.Module, data, device: torch.device) -> None:
     """Pictures are a by-product: one that fails is reported, and the trained run stays completed."""
     from dlfs_cli.figures import make_figures  # matplotlib: only runs that draw pay for it
@@ -277,6 +288,20 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise DlfsError("device=mps: MPS (Apple GPU) is not available on this machine; use device=cpu or device=auto")
     return torch.device(name)
+
+
+def sweep_device(device: torch.device) -> torch.device:
+    """`device`, or for device=cuda (or auto on CUDA: no index) the GPU that sweep.job_gpu gives this job of
+    a joblib sweep: parallel jobs all took GPU 0."""
+    if device != torch.device("cuda"):
+        return device
+    from dlfs_cli import sweep
+
+    index = sweep.job_gpu(torch.cuda.device_count())
+    if index is None:
+        return device
+    torch.cuda.set_device(index)  # the job's own GPU also for calls that take the current one
+    return torch.device("cuda", index)
 
 
 def seed_everything(seed: int) -> None:

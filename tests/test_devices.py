@@ -4,24 +4,34 @@ the GPU calls, so that a mistake that only a GPU machine would show fails here (
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from hydra.types import RunMode
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.data import DataLoader
 
-from dlfs_cli import distributed
+from dlfs_cli import distributed, sweep
+from dlfs_cli import train as train_module
 from dlfs_cli import trainer as trainer_module
 from dlfs_cli.checkpoint import capture_rng, restore_rng
+from dlfs_cli.data import boston, build_data
 from dlfs_cli.data.text import BookBatches
 from dlfs_cli.distributed import World
+from dlfs_cli.layers import LSTMLayer
 from dlfs_cli.trainer import PENDING_STEPS, Diverged, Trainer, evaluate, sum_dtype
+from tests.conftest import SMOKE
 
 META = torch.device("meta")
 
@@ -257,3 +267,146 @@ def test_a_failed_distributed_run_destroys_its_process_group(monkeypatch: pytest
     for hook in at_exit:
         hook()
     assert destroyed == [1] and not group["up"]
+
+
+# 5. bf16 and cuDNN's LSTM: the LSTM in float32 outside CUDA autocast ------------------------------------
+
+
+class ReportsCuda(Tensor):
+    """A CPU tensor that says it lives on CUDA: enough for code that chooses by `is_cuda`."""
+
+    @property
+    def is_cuda(self) -> bool:  # type: ignore[override]
+        return True
+
+
+def test_under_cuda_autocast_the_lstm_runs_in_float32_and_its_dense_layer_in_bf16() -> None:
+    """CUDA autocast runs cuDNN's LSTM in float16 whatever dtype it was asked for (bf16), and dlfs has no
+    gradient scaler for float16: the LSTM leaves autocast on CUDA; the dense layer after it stays under it.
+    CUDA autocast is switched on by hand here (it acts on CUDA tensors only, so the CPU numbers are real)."""
+    layer = LSTMLayer(4, 3, 2)
+    seen: dict[str, tuple[bool, bool, torch.dtype]] = {}  # module: (CUDA autocast on, CPU autocast on, input dtype)
+    for name in ("lstm", "fc"):
+        getattr(layer, name).register_forward_pre_hook(
+            lambda m, args, name=name: seen.update(
+                {name: (torch.is_autocast_enabled("cuda"), torch.is_autocast_enabled("cpu"), args[0].dtype)}
+            )
+        )
+    before = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", torch.bfloat16)
+    try:
+        out, (h, c) = layer(torch.zeros(2, 5, 4).as_subclass(ReportsCuda))
+    finally:
+        torch.set_autocast_enabled("cuda", before[0])
+        torch.set_autocast_dtype("cuda", before[1])
+    assert seen == {"lstm": (False, False, torch.float32), "fc": (True, False, torch.float32)}
+    assert out.shape == (2, 5, 2) and h.dtype == c.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the CPU keeps autocast's choice, as before: a bf16 LSTM
+        layer(torch.zeros(2, 5, 4))
+    assert seen == {"lstm": (False, True, torch.float32), "fc": (False, True, torch.bfloat16)}
+
+
+# 6. a joblib sweep on CUDA: the jobs spread over the GPUs ----------------------------------------------
+
+
+class Chosen(Exception):
+    """Raised by the first call after train() has chosen its device: the test needs nothing more."""
+
+
+def test_a_joblib_sweep_on_cuda_spreads_its_jobs_over_the_visible_gpus(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every job of `dlfs train -m hydra/launcher=joblib device=cuda` took GPU 0; job n takes GPU n mod the GPUs."""
+    hydra = SimpleNamespace(mode=RunMode.MULTIRUN, launcher=None, job=SimpleNamespace(num=0))
+    monkeypatch.setattr(sweep, "HydraConfig", SimpleNamespace(initialized=lambda: True, get=lambda: hydra))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    current: list[int] = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+
+    def chosen(on: bool, device: torch.device) -> None:
+        raise Chosen(device)
+
+    monkeypatch.setattr(train_module, "set_deterministic", chosen)
+
+    def device_of(job: int, launcher: str, device: str = "cuda") -> torch.device:
+        hydra.job.num = job
+        hydra.launcher = OmegaConf.create({"_target_": launcher, "n_jobs": 2})
+        with pytest.raises(Chosen) as got:
+            train_module.train(make_cfg(*SMOKE, f"device={device}"), tmp_path / "run")
+        return got.value.args[0]
+
+    joblib = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+    assert [device_of(job, joblib) for job in range(4)] == [torch.device("cuda", i) for i in (0, 1, 0, 1)]
+    assert current == [0, 1, 0, 1]  # also the current device, for calls that take it
+    assert device_of(3, joblib, "auto") == torch.device("cuda", 1)
+    assert device_of(3, joblib, "cuda:0") == torch.device("cuda", 0)  # a GPU named by the user is kept
+    assert device_of(3, joblib, "cpu") == torch.device("cpu")
+    basic = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+    assert device_of(3, basic) == torch.device("cuda")  # one job at a time: the current GPU
+    assert not list(tmp_path.iterdir())  # nothing written: the device is chosen before the run folder
+
+
+# 8. TF32: an explicit policy, recorded ---------------------------------------------------------------
+
+
+def test_trainer_tf32_sets_the_backend_flags_either_way_and_is_recorded(make_cfg, tmp_path: Path) -> None:
+    """On Ampere and later GPUs "float32" convolutions use TF32 unless told otherwise (torch's default), matmuls
+    not: trainer.tf32 sets both, either way (they are process-wide), and summary.json says which."""
+    before = (
+        torch.get_float32_matmul_precision(),
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+    )
+    try:
+        for on in (True, False):
+            train_module.train(make_cfg(*SMOKE, f"trainer.tf32={on}"), tmp_path / str(on))
+            assert json.loads((tmp_path / str(on) / "summary.json").read_text())["tf32"] is on
+            assert torch.backends.cuda.matmul.allow_tf32 is on and torch.backends.cudnn.allow_tf32 is on
+            assert torch.get_float32_matmul_precision() == ("high" if on else "highest")
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before[1:]
+
+
+# 10. Boston on an accelerator: held there once, batched there --------------------------------------------
+
+
+BOSTON = OmegaConf.create(
+    {"name": "boston", "path": None, "test_size": 0.2, "split_seed": 80718, "scaling": "train", "num_workers": 0}
+)
+
+
+def test_boston_on_a_device_lives_there_and_is_batched_there() -> None:
+    """Boston's DataLoader copied every batch from pageable host memory to the GPU: on a device the split is
+    held there once, and a batch is indexed there."""
+    data = build_data(BOSTON, 32, 0, device=META)
+    with DeviceLog() as log:
+        x, y = next(iter(data.train))
+        tx, ty = next(iter(data.test))
+    assert not log.mixed, f"host and device tensors in one operation: {log.mixed}"
+    assert x.device == y.device == tx.device == ty.device == META
+    assert x.shape == (32, 13) and y.shape == (32, 1) and tx.shape == (102, 13)
+    assert len(data.train) == 13 and len(data.test) == 1 and data.train.generator is not None
+    assert isinstance(build_data(BOSTON, 32, 0).train, DataLoader)  # the CPU path is as it was
+
+
+@pytest.mark.parametrize("batch_size", [32, 101, 404, 500])  # a short last batch, full ones, one batch
+def test_boston_device_batches_are_the_cpu_loaders_and_leave_its_generator_state(batch_size: int) -> None:
+    """The same rows in the same batches as the CPU's DataLoader, epoch after epoch, and the generator in
+    the same state after a whole epoch or part of one: a run, or a resume, on a GPU sees the CPU's order."""
+    loader = build_data(BOSTON, batch_size, 3).train
+    rows = boston.DeviceRows(*loader.dataset.tensors, batch_size, torch.Generator().manual_seed(3))
+    for _ in range(3):
+        pairs = list(zip(loader, rows, strict=True))
+        assert all(torch.equal(a, b) for batch in pairs for a, b in zip(*batch, strict=True))
+        assert torch.equal(loader.generator.get_state(), rows.generator.get_state())
+    for taken in (0, 1, len(loader) - 1, len(loader)):  # a run stopped by limit_batches or a signal
+        for batches in (iter(loader), iter(rows)):
+            for _ in range(taken):
+                next(batches)
+        assert torch.equal(loader.generator.get_state(), rows.generator.get_state()), taken
+    test = build_data(BOSTON, batch_size, 3).test
+    held = boston.DeviceRows(*test.dataset.tensors, max(batch_size, 1024))
+    assert all(torch.equal(a, b) for batch in zip(test, held, strict=True) for a, b in zip(*batch, strict=True))

@@ -149,3 +149,27 @@ HOLD = (
     "import sys; from pathlib import Path; from dlfs_cli import runlock\n"
     "runlock.acquire(Path(sys.argv[1])); print('held', flush=True); sys.stdin.read()\n"
 )
+
+
+def test_a_forked_child_does_not_keep_the_lock(tmp_path: Path) -> None:
+    """DataLoader workers are forked: the lock must end with the writer, not with its last worker."""
+    runlock.acquire(tmp_path)
+    report_r, report_w = os.pipe()
+    hold_r, hold_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: says whether it thinks it holds the lock, then lives until told to go
+        os.close(hold_w)  # else its own copy would keep the pipe open
+        os.write(report_w, b"1" if runlock.holds(tmp_path) else b"0")
+        os.read(hold_r, 1)
+        os._exit(0)
+    try:
+        assert os.read(report_r, 1) == b"0"
+        runlock.release(tmp_path)  # the writer ends while its forked child still lives
+        code = "import sys; from pathlib import Path; from dlfs_cli import runlock; runlock.acquire(Path(sys.argv[1]))"
+        taken = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
+        assert taken.returncode == 0, taken.stderr[-500:]
+    finally:
+        os.close(hold_w)  # the child's read returns: it exits
+        os.waitpid(pid, 0)
+        for fd in (report_r, report_w, hold_r):
+            os.close(fd)

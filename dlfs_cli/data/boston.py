@@ -9,11 +9,13 @@ scikit-learn, which costs ~1.4 s per run here.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from dlfs_cli.config import DlfsError, Scaling
@@ -74,9 +76,54 @@ def build(cfg: DictConfig, batch_size: int, seed: int, device: torch.device, rec
 
     train_set, test_set = tensors(X_train, y[train_idx]), tensors(X_test, y[test_idx])
     generator = torch.Generator().manual_seed(seed)  # a new order every epoch, the same for a seed
-    train = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator, num_workers=cfg.num_workers)
-    test = DataLoader(test_set, batch_size=max(batch_size, 1024))  # evaluation in big batches
+    eval_batch = max(batch_size, 1024)  # evaluation in big batches
+    train: DataLoader | DeviceRows
+    if device.type == "cpu":
+        train = DataLoader(train_set, batch_size, shuffle=True, generator=generator, num_workers=cfg.num_workers)
+        test: DataLoader | DeviceRows = DataLoader(test_set, batch_size=eval_batch)
+    else:  # a few kB: held on the device once, not copied from pageable memory batch by batch
+        train = DeviceRows(*(t.to(device) for t in train_set.tensors), batch_size, generator)
+        test = DeviceRows(*(t.to(device) for t in test_set.tensors), eval_batch)
     info = DataInfo(
         name="boston", source=str(path), n_train=len(train_set), n_test=len(test_set), num_features=X.shape[1]
     )
     return DataBundle(train, test, info)
+
+
+class DeviceRows:
+    """(features, target) batches of a split held whole on the training device, in the order the CPU's
+    DataLoader(shuffle=True, generator) gives: the same rows in the same batches, and the generator left
+    in the same state (a resume on another device goes on with the same order). `generator`: None for a
+    fixed order (evaluation)."""
+
+    def __init__(self, features: Tensor, target: Tensor, batch_size: int, generator: torch.Generator | None = None):
+        self.features, self.target = features, target
+        self.batch_size = batch_size
+        self.generator = generator  # the trainer saves its state in checkpoints
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.features) / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        # The DataLoader's draws, when it makes them: its workers' base seed in iter(), the epoch's permutation
+        # at the first batch, and RandomSampler's (empty) remainder permutation when the sampler runs out:
+        # while filling a short last batch, or after a full one.
+        if self.generator is None:
+            return self._in_order()
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        return self._shuffled(self.generator)
+
+    def _in_order(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for start in range(0, len(self.features), self.batch_size):
+            yield self.features[start : start + self.batch_size], self.target[start : start + self.batch_size]
+
+    def _shuffled(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+        n, size = len(self.features), self.batch_size
+        order = torch.randperm(n, generator=generator).to(self.features.device)  # one small copy an epoch
+        for start in range(0, n, size):
+            if start + size > n:
+                torch.randperm(n, generator=generator)
+            idx = order[start : start + size]
+            yield self.features[idx], self.target[idx]
+        if n % size == 0:
+            torch.randperm(n, generator=generator)
