@@ -232,9 +232,11 @@ def _guard(config: DictConfig, key: str) -> None:
                 ) from None
             return
         check_new_folder(folder, key)
-        if not folder.exists():
+        try:
             folder.mkdir(parents=True)
             MADE.add(folder.resolve())
+        except FileExistsError:  # there already (empty), or another process made it a moment ago: the lock decides
+            pass
         acquire(folder)
     except DlfsError as ex:
         raise UserError(str(ex)) from None
