@@ -103,6 +103,17 @@ def wait_for(condition: Callable[[], bool], proc: subprocess.Popen, timeout: flo
         time.sleep(0.05)
 
 
+def start_long_run(run: Path, cwd: Path) -> subprocess.Popen:
+    """`dlfs train` into `run` for as long as a test needs it (Boston, 100000 epochs), in another process."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "dlfs_cli", "train", "device=cpu", "trainer.epochs=100000", f"hydra.run.dir={run}"],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def write_idx(raw: Path, split: str, pixels, labels) -> None:
     """Write MNIST's two IDX files for one split (`train` or `t10k`) into raw/."""
     import struct

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -18,6 +17,7 @@ from dlfs_cli.evaluate import evaluate_run
 from dlfs_cli.train import train
 from dlfs_cli.trainer import Diverged, Interrupted, Trainer
 from tests.conftest import SMOKE, run_dlfs
+from tests.test_resume import interrupt_at_step
 
 pytestmark = [
     pytest.mark.gpu,
@@ -62,18 +62,6 @@ def test_train_eval_and_generate_on_cuda_through_the_cli(tmp_path: Path) -> None
     assert out.returncode == 0 and len(out.stdout.strip()) >= 80, out.stderr
     out = run_dlfs("eval", "run=run", "device=cpu", cwd=tmp_path)  # a CUDA run's checkpoint on the CPU
     assert out.returncode == 0, out.stderr
-
-
-def interrupt_at_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
-    """Make the trainer behave as if SIGINT arrived during training step `step` (as tests/test_resume.py)."""
-    original = Trainer._account
-
-    def account(self, loss, *args):
-        original(self, loss, *args)
-        if self.step == step:
-            self.stop_signal = signal.SIGINT
-
-    monkeypatch.setattr(Trainer, "_account", account)
 
 
 @pytest.mark.parametrize(

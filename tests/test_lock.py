@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dlfs_cli import runlock
-from tests.conftest import wait_for
+from tests.conftest import start_long_run, wait_for
 
 
 def summary(run: Path) -> dict:
@@ -24,13 +24,7 @@ def summary(run: Path) -> dict:
 def running(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, Path]]:
     """A run that trains for as long as the test needs it (another process, holding the run's lock)."""
     run = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dlfs_cli", "train", "device=cpu", "trainer.epochs=100000", f"hydra.run.dir={run}"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_long_run(run, tmp_path)
     # its first checkpoint: a resume has something to continue from once it is killed
     wait_for(lambda: (run / "checkpoints" / "last.pt").exists(), proc)
     yield proc, run

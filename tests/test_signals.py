@@ -24,7 +24,7 @@ import dlfs_cli.train
 import dlfs_cli.trainer
 from dlfs_cli import lifecycle
 from dlfs_cli.trainer import Trainer
-from tests.conftest import wait_for
+from tests.conftest import start_long_run, wait_for
 
 QUICK = ["device=cpu", "trainer.epochs=2", "trainer.limit_batches=3"]
 
@@ -160,13 +160,7 @@ def test_a_signal_while_the_sweep_is_summarised(
 def test_sighup_from_a_closed_terminal_saves_and_says_interrupted(tmp_path: Path) -> None:
     """A real process: SIGHUP after its first epoch (waited for in metrics.csv, not by a clock)."""
     run = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dlfs_cli", "train", "device=cpu", "trainer.epochs=100000", f"hydra.run.dir={run}"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_long_run(run, tmp_path)
     wait_for(lambda: (run / "metrics.csv").exists() and (run / "metrics.csv").read_text().count("\n") >= 3, proc)
     proc.send_signal(signal.SIGHUP)
     _, err = proc.communicate(timeout=120)
