@@ -8,10 +8,8 @@ state, the running loss sums, the config and a hash of the parts that define the
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
 import pickle
 import random
 import warnings
@@ -23,7 +21,7 @@ import numpy as np
 import torch
 
 from dlfs_cli.config import DlfsError
-from dlfs_cli.tracking import CHECKPOINT_DIR
+from dlfs_cli.tracking import CHECKPOINT_DIR, replace_atomically
 
 FORMAT_VERSION = 2
 DEFINING = ("model", "data", "loss")  # the config sections that define what the weights mean
@@ -32,20 +30,12 @@ DEFINING = ("model", "data", "loss")  # the config sections that define what the
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write atomically: a temporary file in the same folder, flushed and fsynced, then renamed over
     `path`. A failure (a full disk, say) leaves the previous checkpoint as it was."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as ex:
-        tmp.unlink(missing_ok=True)
-        reason = "the disk is full" if ex.errno == errno.ENOSPC else (ex.strerror or str(ex))
-        raise DlfsError(f"could not write checkpoint {path}: {reason}; the previous one is kept") from None
-    except BaseException:  # an abort, a torch error: never leave a half-written temporary file behind
-        tmp.unlink(missing_ok=True)
-        raise
+    replace_atomically(
+        path,
+        lambda f: torch.save({"format_version": FORMAT_VERSION, **state}, f),
+        action="could not write checkpoint",
+        note="; the previous one is kept",
+    )
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from dlfs_cli import __version__, lifecycle, runlock, sweep
-from dlfs_cli.config import SEED_MAX, check_device, check_numbers, conf_dir, register_configs, validate
+from dlfs_cli.config import check_device, check_numbers, check_seed, conf_dir, register_configs, validate
 from dlfs_cli.errors import DlfsError, os_error_message
 
 register_configs()
@@ -164,8 +164,7 @@ def _generate_app(cfg: DictConfig) -> None:
         if OmegaConf.is_missing(cfg, "run"):
             raise DlfsError("dlfs generate needs a run folder: dlfs generate run=outputs/lstm_charmodel/<timestamp>")
         check_numbers(cfg)
-        if not 0 <= cfg.seed <= SEED_MAX:
-            raise DlfsError(f"invalid value for seed: {cfg.seed} (a seed is between 0 and {SEED_MAX})")
+        check_seed("seed", cfg.seed)
         if cfg.length < 0:
             raise DlfsError(f"invalid value for length: {cfg.length} (must be >= 0)")
         if cfg.temperature < 0:
@@ -199,8 +198,7 @@ def _reproduce_app(cfg: DictConfig) -> None:
         check_device(cfg.device)
         check_numbers(cfg)
         for seed in cfg.seeds:
-            if not 0 <= seed <= SEED_MAX:
-                raise DlfsError(f"invalid value for seeds: {seed} (a seed is between 0 and {SEED_MAX})")
+            check_seed("seeds", seed)
         from dlfs_cli.reproduce import reproduce
 
         code = reproduce(cfg, out)

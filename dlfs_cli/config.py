@@ -456,13 +456,16 @@ def check_numbers(node: Any, prefix: str = "") -> None:
         raise DlfsError(f"invalid value for {key}: {node} (beyond the 64-bit integers)")
 
 
+def check_seed(key: str, value: int) -> None:
+    _check(0 <= value <= SEED_MAX, key, value, f"a seed is between 0 and {SEED_MAX}")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check value ranges that types cannot express; raises DlfsError naming the key."""
     reject_unknown_keys(cfg)
     check_numbers(cfg)
     for key in ("seed", "trainer.seed"):
-        value = OmegaConf.select(cfg, key)
-        _check(0 <= value <= SEED_MAX, key, value, f"a seed is between 0 and {SEED_MAX}")
+        check_seed(key, OmegaConf.select(cfg, key))
     t = cfg.trainer
     _check(t.batch_size <= SIZE_MAX, "trainer.batch_size", t.batch_size, f"must be <= {SIZE_MAX}")
     _check(t.epochs >= 0, "trainer.epochs", t.epochs, "must be >= 0")

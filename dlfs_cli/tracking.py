@@ -11,10 +11,10 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from omegaconf import DictConfig, OmegaConf
 from rich import get_console
@@ -36,20 +36,28 @@ TENSORBOARD_DIR = "tensorboard"  # logger=tensorboard: event files, beside metri
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and rename, so readers never see a half-written file. A failure (a full
-    disk, say) leaves the previous file as it was and is a DlfsError naming the file and the reason."""
+    """A text file of the run, written by replace_atomically."""
+    replace_atomically(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def replace_atomically(
+    path: Path, write: Callable[[BinaryIO], object], action: str = "could not write", note: str = ""
+) -> None:
+    """Write `path` through a temporary file in its folder, flushed, fsynced and renamed over it, so readers
+    never see a half-written file. A failure (a full disk, say) leaves the previous file as it was and is a
+    DlfsError naming the file and the reason (`action`, then `note`); the temporary file never stays."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as ex:
         _unlink_quietly(tmp)
         ex.filename, ex.filename2 = str(path), None  # the file meant, not its temporary twin
-        raise DlfsError(os_error_message(ex, "could not write")) from None
-    except BaseException:
+        raise DlfsError(os_error_message(ex, action) + note) from None
+    except BaseException:  # an abort, a torch error: never leave a half-written temporary file behind
         _unlink_quietly(tmp)
         raise
 
