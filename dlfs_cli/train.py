@@ -78,6 +78,10 @@ def _train(cfg: DictConfig, run_dir: Path, resume: bool, threads: int | None, li
     scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.trainer.epochs)
     plain_cfg = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     state = _resume_state(run_dir, plain_cfg) if resume else None
+    if state is not None and state["epoch"] > cfg.trainer.epochs:
+        raise DlfsError(
+            f"resume: trainer.epochs={cfg.trainer.epochs} is below the {state['epoch']} epochs already trained"
+        )
 
     # Everything above can refuse the config; only now does the run folder get its files.
     start = time.time()
@@ -102,6 +106,8 @@ def _train(cfg: DictConfig, run_dir: Path, resume: bool, threads: int | None, li
             "duration_s": 0.0,
             "parameters": sum(p.numel() for p in model.parameters()),
         }
+    else:  # the checkpoint is the truth: a run killed between saving last.pt and its summary is behind it
+        fields |= {"epochs_completed": state["epoch"], "step": state["step"]}
     metric_columns = metric_names(cfg.loss.name, sequence=data.info.vocab is not None)
     run.start(cfg, fields, metric_columns, resume_step=None if state is None else state["step"])
     duration_before = run.summary.get("duration_s", 0.0) if state is not None else 0.0

@@ -129,6 +129,20 @@ def test_resume_policy(make_cfg, tmp_path: Path) -> None:
     assert summary(run)["epochs_completed"] == 3 and summary(run)["metrics"] == metrics
 
 
+def test_a_summary_behind_its_checkpoint_resumes_from_the_checkpoint(make_cfg, tmp_path: Path) -> None:
+    """A run killed after writing last.pt and before updating summary.json: the checkpoint is the truth."""
+    run = tmp_path / "run"
+    overrides = ["trainer.epochs=2", "device=cpu", "figures.enabled=false"]
+    train(make_cfg(*overrides), run)
+    behind = summary(run) | {"status": "running", "epochs_completed": 1}
+    (run / "summary.json").write_text(json.dumps(behind))
+    resume(make_cfg, run)  # trainer.epochs=2: last.pt already holds both epochs, so only the final steps run
+    assert summary(run)["status"] == "completed" and summary(run)["epochs_completed"] == 2
+    with pytest.raises(DlfsError, match="below the 2 epochs already trained"):
+        (run / "summary.json").write_text(json.dumps(behind))
+        train(make_cfg(*overrides[1:], "trainer.epochs=1"), run, resume=True)
+
+
 @pytest.mark.slow
 def test_sigint_at_a_random_moment_then_resume_equals_straight(straight_digits: Path, tmp_path: Path) -> None:
     """The acceptance check of exact resume, through the CLI: one random step here, five in test_slow_resume."""
