@@ -70,9 +70,19 @@ def carried_state(loader: Iterable) -> CarriedState | None:
     return CarriedState(mode) if mode else None
 
 
+class CrossEntropy(nn.CrossEntropyLoss):
+    """nn.CrossEntropyLoss on raw logits, classes on dim 1. A sequence's (batch, vocab, length) logits are
+    laid out as (batch * length, vocab) rows first: CUDA's kernel for the 3-d form adds with atomics, so its
+    loss differs in the last digits from run to run even with trainer.deterministic=true."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        if input.dim() == 3:
+            input, target = input.transpose(1, 2).reshape(-1, input.shape[1]), target.reshape(-1)
+        return super().forward(input, target)
+
+
 def make_loss(name: str, reduction: str = "mean") -> Callable[[Tensor, Tensor], Tensor]:
-    # CrossEntropyLoss takes raw logits
-    return nn.MSELoss(reduction=reduction) if name == "mse" else nn.CrossEntropyLoss(reduction=reduction)
+    return nn.MSELoss(reduction=reduction) if name == "mse" else CrossEntropy(reduction=reduction)
 
 
 def model_output(model: nn.Module, x: Tensor, carried: CarriedState | None = None) -> Tensor:

@@ -410,3 +410,27 @@ def test_boston_device_batches_are_the_cpu_loaders_and_leave_its_generator_state
     test = build_data(BOSTON, batch_size, 3).test
     held = boston.DeviceRows(*test.dataset.tensors, max(batch_size, 1024))
     assert all(torch.equal(a, b) for batch in zip(test, held, strict=True) for a, b in zip(*batch, strict=True))
+
+
+def test_sequence_cross_entropy_never_takes_the_atomic_3d_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seen on an H200: the (batch, vocab, length) form's CUDA forward adds with atomics, so an LSTM's loss
+    moved in the 7th digit between two deterministic runs. The loss hands the kernel 2-d rows instead."""
+    from torch.nn import functional
+
+    from dlfs_cli.trainer import make_loss
+
+    logits, target = torch.randn(4, 7, 5), torch.randint(7, (4, 5))
+    expected = functional.cross_entropy(logits, target)
+    dims: list[int] = []
+    original = functional.cross_entropy
+
+    def recording(input, target, *args, **kwargs):
+        dims.append(input.dim())
+        return original(input, target, *args, **kwargs)
+
+    monkeypatch.setattr(functional, "cross_entropy", recording)
+    for reduction in ("mean", "sum"):
+        loss = make_loss("cross_entropy", reduction)(logits, target)
+        reference = expected if reduction == "mean" else expected * target.numel()
+        assert torch.allclose(loss, reference, rtol=1e-6)
+    assert dims == [2, 2]

@@ -50,6 +50,14 @@ DATASETS = {
 }
 
 
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor (an epoch's order) onto `device` without the host waiting for the copy: a copy
+    from pageable memory blocks the host until the GPU has caught up, one from pinned memory does not."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def build_data(
     cfg: DictConfig, batch_size: int, seed: int, device: torch.device | None = None, reconstruct: bool = False
 ) -> DataBundle:

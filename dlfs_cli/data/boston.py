@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from dlfs_cli.config import DlfsError, Scaling
-from dlfs_cli.data import DataBundle, DataInfo
+from dlfs_cli.data import DataBundle, DataInfo, to_device_async
 
 BUNDLED_CSV = Path(__file__).with_name("boston_house_prices.csv")
 NUM_COLUMNS = 14  # 13 features, then MEDV
@@ -119,7 +119,7 @@ class DeviceRows:
 
     def _shuffled(self, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
         n, size = len(self.features), self.batch_size
-        order = torch.randperm(n, generator=generator).to(self.features.device)  # one small copy an epoch
+        order = to_device_async(torch.randperm(n, generator=generator), self.features.device)  # one small copy an epoch
         for start in range(0, n, size):
             if start + size > n:
                 torch.randperm(n, generator=generator)

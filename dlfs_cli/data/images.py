@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from dlfs_cli.config import DlfsError
+from dlfs_cli.data import to_device_async
 
 MNIST_MEAN, MNIST_STD = 0.1305, 0.3081  # the book's Normalize((0.1305,), (0.3081,))
 
@@ -78,7 +79,7 @@ class TensorBatches:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         n = len(self.pixels)
         if self.generator is not None:  # drawn on the CPU generator: the same order on every device
-            order = torch.randperm(n, generator=self.generator).to(self.pixels.device, non_blocking=True)
+            order = to_device_async(torch.randperm(n, generator=self.generator), self.pixels.device)
         for start in range(0, n, self.batch_size):
             if self.generator is not None:
                 idx = order[start : start + self.batch_size]
