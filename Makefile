@@ -40,9 +40,10 @@ reproduce: install ## `dlfs reproduce`: the book's chapter-7 table, re-run (non-
 bench: install ## the benchmarks (tests/benchmarks; about 10 minutes) and the table of speed targets
 	$(BIN)/python tests/benchmarks/run_all.py $(ARGS)
 
-lint: install ## ruff
+lint: install ## ruff + mypy
 	$(BIN)/ruff check dlfs_cli tests
 	$(BIN)/ruff format --check dlfs_cli tests
+	$(BIN)/mypy
 
 clean: ## remove the virtual environment and caches (runs in outputs/ are kept)
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache

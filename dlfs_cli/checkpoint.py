@@ -8,12 +8,14 @@ state, the running loss sums, the config and a hash of the parts that define the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import pickle
 import random
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +29,54 @@ FORMAT_VERSION = 2
 DEFINING = ("model", "data", "loss")  # the config sections that define what the weights mean
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+@dataclass
+class Checkpoint:
+    """What a checkpoint file holds: the one definition of its keys. Trainer.state_dict() fills one and
+    Trainer.load_state_dict() reads it back; eval and generate read the weights, config and vocabulary.
+    Saved as a plain dict of tensors and primitives (torch.load(weights_only=True) reads it)."""
+
+    model: dict[str, Any]  # the plain module's weights (also from a DistributedDataParallel run)
+    config: dict[str, Any] = field(default_factory=dict)  # the run's whole config, resolved
+    config_hash: str | None = None  # of the sections that define the weights (config_hash below)
+    dlfs_version: str | None = None
+    vocab: str | None = None  # a character model's vocabulary: index i is vocab[i]
+    # where the run stands, for an exact resume
+    epoch: int = 0  # epochs completed
+    batch_in_epoch: int = 0  # batches done in the epoch under way (0 between epochs)
+    step: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)  # the latest held-out metrics
+    best_loss: float = float("inf")  # the lowest held-out loss so far (best.pt's)
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    rng: dict[str, Any] | None = None  # capture_rng(): torch, CUDA, MPS, numpy, Python
+    data_rng: Any = None  # the data order's generator at the start of the epoch under way
+    carried: dict[str, Any] | None = None  # an LSTM's carried (h, c) and how it is carried
+    sums: dict[str, Any] = field(default_factory=dict)  # the running training-loss sums (RunningLoss)
+    elapsed_s: float = 0.0  # seconds of training so far
+    format_version: int = FORMAT_VERSION  # 1: before exact resume (no optimizer, RNG, ... saved)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # shallow: no copy of weights
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> Checkpoint:
+        known = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in state.items() if k in known}
+        return cls(**fields | {"format_version": state.get("format_version", 1)})  # 1: it predates the key
+
+
+def save_checkpoint(path: Path, state: Checkpoint) -> None:
     """Write atomically: a temporary file in the same folder, flushed and fsynced, then renamed over
     `path`. A failure (a full disk, say) leaves the previous checkpoint as it was."""
     replace_atomically(
         path,
-        lambda f: torch.save({"format_version": FORMAT_VERSION, **state}, f),
+        lambda f: torch.save(state.to_dict(), f),
         action="could not write checkpoint",
         note="; the previous one is kept",
     )
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     """Only tensors and plain data: a checkpoint that asks to run code is refused, and none runs."""
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols of foreign files: the error says it
@@ -54,10 +92,10 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise DlfsError(f"{path}: cannot be read as a checkpoint ({type(ex).__name__}: {ex})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise DlfsError(f"{path} is not a dlfs checkpoint (no model weights and config in it)")
-    return state
+    return Checkpoint.from_dict(state)
 
 
-def load_run_checkpoint(run_dir: Path, checkpoint: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_run_checkpoint(run_dir: Path, checkpoint: str, map_location: str | torch.device = "cpu") -> Checkpoint:
     """checkpoints/<checkpoint>.pt of a run folder; a missing folder, file or unreadable file is a DlfsError."""
     if not run_dir.is_dir():
         raise DlfsError(f"run={run_dir}: no such folder")
@@ -72,8 +110,8 @@ def load_run_checkpoint(run_dir: Path, checkpoint: str, map_location: str | torc
 
 
 def load_run_model(
-    run_dir: Path, checkpoint: str, device: torch.device, info_for: Callable[[Any, dict], Any]
-) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    run_dir: Path, checkpoint: str, device: torch.device, info_for: Callable[[Any, Checkpoint], Any]
+) -> tuple[torch.nn.Module, Any, Checkpoint]:
     """(the model with the checkpoint's weights, on `device`; the run's typed config; the checkpoint).
 
     `info_for(cfg, checkpoint)` gives the DataInfo that sizes the model."""
@@ -81,16 +119,16 @@ def load_run_model(
     from dlfs_cli.models import build_model
 
     state = load_run_checkpoint(run_dir, checkpoint)
-    cfg = typed_config(state["config"])
+    cfg = typed_config(state.config)
     model = build_model(cfg.model, info_for(cfg, state))
-    load_weights(model, state, run_dir / CHECKPOINT_DIR / f"{checkpoint}.pt")
+    load_weights(model, state.model, run_dir / CHECKPOINT_DIR / f"{checkpoint}.pt")
     return model.to(device), cfg, state
 
 
-def load_weights(model: torch.nn.Module, state: dict[str, Any], path: Path) -> None:
-    """The checkpoint's weights into `model`; weights of another shape are a one-line DlfsError."""
+def load_weights(model: torch.nn.Module, weights: dict[str, Any], path: Path) -> None:
+    """A checkpoint's weights into `model`; weights of another shape are a one-line DlfsError."""
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(weights)
     except RuntimeError as ex:
         detail = next((line.strip() for line in str(ex).splitlines()[1:] if line.strip()), str(ex))
         raise DlfsError(f"{path} does not fit its model: {detail}") from None
@@ -112,7 +150,9 @@ def capture_rng(device: torch.device | None = None) -> dict[str, Any]:
     CUDA's generators only once this process has used CUDA: asking earlier would start CUDA (slowly,
     and taking GPU memory) for a device=cpu run on a GPU machine, and unused generators hold nothing to
     keep. The MPS generator (dropout on an Apple GPU) when training there."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = np.random.get_state()
+    assert isinstance(numpy_state, tuple)  # the global RandomState's MT19937 (a dict only for other generators)
+    _, keys, pos, has_gauss, gauss = numpy_state
     version, internal, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),

@@ -9,9 +9,10 @@ from __future__ import annotations
 import difflib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -21,7 +22,10 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from dlfs_cli import __version__, lifecycle, runlock, sweep
 from dlfs_cli.config import check_device, check_numbers, check_seed, conf_dir, register_configs, validate
-from dlfs_cli.errors import DlfsError, os_error_message
+from dlfs_cli.errors import DlfsError, exit_code_of, os_error_message
+
+if TYPE_CHECKING:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
 register_configs()
 CONF_DIR = str(conf_dir())
@@ -82,16 +86,17 @@ def _train_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> float | None:
 
 
 def _resume(composed: DictConfig, run_dir: Path) -> float | None:
-    from dlfs_cli.resume import resume_config
+    from dlfs_cli.resume import prepare
 
-    cfg = resume_config(composed, list(HydraConfig.get().overrides.task), run_dir)
-    if cfg is None:
+    resumed = prepare(composed, list(HydraConfig.get().overrides.task), run_dir)
+    if resumed is None:
         runlock.release(run_dir)
         print(f"dlfs: {run_dir} is already completed; nothing to do (raise trainer.epochs to train on)")
         return None
     from dlfs_cli.train import train
 
-    return train(cfg, run_dir, resume=True).get("test_loss")
+    cfg, state = resumed
+    return train(cfg, run_dir, state).get("test_loss")
 
 
 def _under_torchrun() -> bool:
@@ -170,8 +175,8 @@ def _generate_app(cfg: DictConfig) -> None:
         if cfg.temperature < 0:
             raise DlfsError(f"invalid value for temperature: {cfg.temperature} (must be >= 0; near 0 is greedy)")
         check_device(cfg.device)
+        from dlfs_cli.distributed import resolve_device
         from dlfs_cli.generate import load_char_model, sample
-        from dlfs_cli.train import resolve_device
 
         device = resolve_device(cfg.device)
         _note_if_being_written(Path(cfg.run))
@@ -218,14 +223,114 @@ def _runs_app() -> None:
     list_runs(sys.argv[1:])
 
 
+# --- each command, from its arguments to its exit ----------------------------------------------
+
+
+def _train_command(args: list[str]) -> None:
+    """dlfs train, start to end: resume= and torchrun's ranks are set up before Hydra; a sweep's summary
+    follows its jobs, also when the sweep ends early; under torchrun the ranks' group is closed at the end."""
+    lifecycle.install_for_process()  # SIGINT, SIGTERM, SIGHUP: stop at a safe point, from here to the exit
+    multirun = _is_multirun(args)
+    args = prepare_overrides(args, multirun=multirun)
+    if multirun and any(a in args for a in ("--cfg", "-c", "--info", "-i")):
+        _fail("--cfg and --info show one job's config: use them without -m")
+    args = _run_dir_for_resume(args)
+    if _under_torchrun():
+        args = _join_the_world(args)
+    try:
+        with _one_line_errors(on_abort=_finish_sweep_quietly if multirun else None):
+            _start("train", _sweep_app if multirun else _train_app, args)
+            if _under_torchrun():
+                from dlfs_cli import distributed
+
+                distributed.finish()
+    except Exception as ex:  # e.g. joblib losing a worker process that was killed
+        folder = sweep.SweepFolder.current
+        if not multirun or folder is None:
+            raise
+        _finish_sweep_quietly()
+        if folder.path is not None:
+            runlock.drop_refused(folder.path)  # a sweep whose launcher never ran a job
+        _fail(f"the sweep ended early: {type(ex).__name__}: {explain(ex)}")
+
+
+def _sweep_app() -> None:
+    """dlfs train -m: Hydra's launcher runs the jobs; then summary.csv, the ranked table and the exit code."""
+    _train_app()
+    _finish_sweep()
+
+
+def _eval_command(args: list[str]) -> None:
+    _run_hydra_app("eval", _eval_app, args)
+
+
+def _generate_command(args: list[str]) -> None:
+    _run_hydra_app("generate", _generate_app, args)
+
+
+def _reproduce_command(args: list[str]) -> None:
+    lifecycle.install_for_process()  # it trains: SIGINT, SIGTERM, SIGHUP stop it at a safe point
+    _run_hydra_app("reproduce", _reproduce_app, args)
+
+
+def _runs_command(args: list[str]) -> None:
+    with _one_line_errors():  # argparse's arguments: taken as given
+        _start("runs", _runs_app, args)
+
+
+def _run_hydra_app(command: str, app: Callable[[], object], args: list[str]) -> None:
+    args = prepare_overrides(args, multirun=_is_multirun(args))
+    with _one_line_errors():
+        _start(command, app, args)
+
+
+def _start(command: str, app: Callable[[], object], args: list[str]) -> None:
+    """Run `app` on `args`; then the folders it made but never wrote to go, and it releases its locks."""
+    # Hydra reads its arguments from sys.argv. HYDRA_FULL_ERROR makes it raise instead of printing
+    # a multi-line report, so that we can print one line that names the key or the option.
+    sys.argv = [f"dlfs {command}", *args]
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        app()
+    finally:
+        for folder in list(runlock.MADE):  # one this command made but never wrote to: refused, leave nothing
+            runlock.drop_refused(folder)
+        runlock.MADE.clear()
+        runlock.release_all()  # the folders are finished with (the process ending would release them too)
+
+
+@contextmanager
+def _one_line_errors(on_abort: Callable[[], None] | None = None) -> Iterator[None]:
+    """What a command raises, as one line on stderr and the exit code (a bug keeps its traceback).
+    on_abort: what still has to be done when a second signal (or Ctrl-C in a plain Python) aborts."""
+    try:
+        yield
+    except UserError as ex:
+        if _rank() == 0:  # under torchrun rank 0 says it (each rank's log has it too)
+            what = "error: " if ex.code in (1, 2) else ""  # otherwise an interruption: not an error, a stop
+            print(f"dlfs: {what}{ex.message}", file=sys.stderr)
+        sys.exit(ex.code)
+    except DlfsError as ex:  # from a command that is not a Hydra app (dlfs runs)
+        _fail(str(ex), ex.exit_code)
+    except (HydraException, OmegaConfBaseException) as ex:  # before OSError: MissingConfigException is both
+        _fail(explain(ex))
+    except OSError as ex:  # a folder Hydra could not make, a file it could not write: one line naming it
+        _fail(os_error_message(ex))
+    except KeyboardInterrupt as ex:
+        print("dlfs: aborted", file=sys.stderr)
+        if on_abort is not None:
+            on_abort()
+        sys.exit(exit_code_of(ex, 130))
+
+
 # --- the command table -------------------------------------------------------------------------
 
-COMMANDS: dict[str, tuple[Callable[[], object], str]] = {
-    "train": (_train_app, "train a model (a Hydra app: KEY=VALUE overrides, -m, --cfg job, --help)"),
-    "eval": (_eval_app, "recompute a run's held-out metrics from its checkpoint: dlfs eval run=<folder>"),
-    "generate": (_generate_app, "sample text from a trained lstm_charmodel run: dlfs generate run=<folder>"),
-    "reproduce": (_reproduce_app, "re-run the book's chapter-7 table and compare: dlfs reproduce [quick=true]"),
-    "runs": (_runs_app, "list past runs and sweep jobs as a table: dlfs runs [PATH] [--model M] [--sort KEY]"),
+COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
+    "train": (_train_command, "train a model (a Hydra app: KEY=VALUE overrides, -m, --cfg job, --help)"),
+    "eval": (_eval_command, "recompute a run's held-out metrics from its checkpoint: dlfs eval run=<folder>"),
+    "generate": (_generate_command, "sample text from a trained lstm_charmodel run: dlfs generate run=<folder>"),
+    "reproduce": (_reproduce_command, "re-run the book's chapter-7 table and compare: dlfs reproduce [quick=true]"),
+    "runs": (_runs_command, "list past runs and sweep jobs as a table: dlfs runs [PATH] [--model M] [--sort KEY]"),
 }
 
 
@@ -352,70 +457,12 @@ def main(argv: list[str] | None = None) -> None:
         if command.startswith("-") and any(a in COMMANDS for a in rest):
             _fail(f"put the command first, then its options: dlfs <command> {command} ...")
         _fail(f"unknown command '{command}'; valid commands: {', '.join(COMMANDS)}")
-    if command in ("train", "reproduce"):
-        lifecycle.install_for_process()  # SIGINT, SIGTERM, SIGHUP: stop at a safe point, from here to the exit
-    if command != "runs":
-        rest = prepare_overrides(rest, multirun=_is_multirun(rest))
-    if command == "train":
-        if _is_multirun(rest) and any(a in rest for a in ("--cfg", "-c", "--info", "-i")):
-            _fail("--cfg and --info show one job's config: use them without -m")
-        rest = _run_dir_for_resume(rest)
-        if _under_torchrun():
-            rest = _join_the_world(rest)
-
-    app, _ = COMMANDS[command]
-    # Hydra reads its arguments from sys.argv. HYDRA_FULL_ERROR makes it raise instead of printing
-    # a multi-line report, so that we can print one line that names the key or the option.
-    sys.argv = [f"dlfs {command}", *rest]
-    os.environ["HYDRA_FULL_ERROR"] = "1"
-    try:
-        _run(command, app, rest)
-    except UserError as ex:
-        if _rank() > 0:
-            sys.exit(ex.code)  # under torchrun rank 0 says it (each rank's log has it too)
-        if ex.code in (1, 2):
-            print(f"dlfs: error: {ex.message}", file=sys.stderr)
-            sys.exit(ex.code)
-        print(f"dlfs: {ex.message}", file=sys.stderr)  # an interruption: not an error, a stop
-        sys.exit(ex.code)
-    except DlfsError as ex:  # from a command that is not a Hydra app (dlfs runs)
-        _fail(str(ex), ex.exit_code)
-    except (HydraException, OmegaConfBaseException) as ex:  # before OSError: MissingConfigException is both
-        _fail(explain(ex))
-    except OSError as ex:  # a folder Hydra could not make, a file it could not write: one line naming it
-        _fail(os_error_message(ex))
-    except KeyboardInterrupt as ex:
-        print("dlfs: aborted", file=sys.stderr)
-        if command == "train" and _is_multirun(rest):
-            _finish_sweep_quietly()
-        sys.exit(getattr(ex, "exit_code", 130))
-    except Exception as ex:  # e.g. joblib losing a worker process that was killed
-        if command != "train" or not _is_multirun(rest) or sweep.SweepFolder.current is None:
-            raise
-        _finish_sweep_quietly()
-        if sweep.SweepFolder.current.path is not None:
-            runlock.drop_refused(sweep.SweepFolder.current.path)  # a sweep whose launcher never ran a job
-        _fail(f"the sweep ended early: {type(ex).__name__}: {explain(ex)}")
+    run, _ = COMMANDS[command]
+    run(rest)
     code = lifecycle.exit_code()
     if code is not None:  # a stop asked for after the last step of the last run (its summary is written)
         print(f"dlfs: stopped by a signal (exit {code}); everything was saved", file=sys.stderr)
         sys.exit(code)
-
-
-def _run(command: str, app: Callable[[], object], rest: list[str]) -> None:
-    try:
-        app()
-        if command == "train" and _is_multirun(rest):
-            _finish_sweep()
-    finally:
-        for folder in list(runlock.MADE):  # one this command made but never wrote to: refused, leave nothing
-            runlock.drop_refused(folder)
-        runlock.MADE.clear()
-        runlock.release_all()  # the folders are finished with (the process ending would release them too)
-    if command == "train" and _under_torchrun():
-        from dlfs_cli import distributed
-
-        distributed.finish()
 
 
 # --- overrides, before Hydra sees them ----------------------------------------------------------
@@ -477,12 +524,12 @@ def prepare_overrides(args: list[str], multirun: bool) -> list[str]:
     return out
 
 
-def _quoted(parser: object, key: str, value: str) -> str:
+def _quoted(parser: OverridesParser, key: str, value: str) -> str:
     """key="value" in Hydra's quoting, checked to read back as `value`."""
     for quote in ("'", '"'):
         candidate = f"{key}={quote}{value}{quote}"
         try:
-            if value.count(quote) == 0 and parser.parse_override(candidate).value() == value:  # type: ignore[attr-defined]
+            if value.count(quote) == 0 and parser.parse_override(candidate).value() == value:
                 return candidate
         except HydraException:
             continue

@@ -3,6 +3,10 @@
 Each group's YAML files extend one of these schemas (registered in Hydra's ConfigStore as
 `schema_<group>_<name>`), so a typo'd key or a wrongly typed value fails while Hydra composes
 the config, before any work starts. Value ranges are checked by `validate()`.
+
+Every default is stated here, once, next to what it means: the YAML files in `conf/` only pick
+the options (their `defaults:` lists); `experiment/` presets pin the values of a published run.
+`dlfs train --cfg job` and `--help` show the composed values.
 This module must not import torch: `dlfs train --cfg job` and `--help` go through it.
 """
 
@@ -14,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -71,6 +75,10 @@ class Pipeline(str, Enum):
     torchvision = "torchvision"  # the book's PIL -> ToTensor -> Normalize through a DataLoader
 
 
+# The folder that holds the datasets that are downloaded (MNIST): $DLFS_DATA_ROOT, or ~/.cache/dlfs.
+DATA_ROOT = "${oc.env:DLFS_DATA_ROOT,'~/.cache/dlfs'}"
+
+
 # --- model -----------------------------------------------------------------------------------
 
 
@@ -85,7 +93,7 @@ class BostonModelConfig(ModelConfig):
 
     name: str = "boston"
     hidden_size: int = 13
-    activation: Activation = Activation.sigmoid  # the chapter text; the notebook used tanh
+    activation: Activation = Activation.sigmoid  # sigmoid (the chapter text) | tanh (the notebook) | relu | none
     # Probability of KEEPING a unit, as the book writes it (nn.Dropout(p = 1 - dropout_keep)).
     # 1.0 means no dropout layer at all.
     dropout_keep: float = 1.0
@@ -97,10 +105,11 @@ class MNISTConvNetConfig(ModelConfig):
 
     name: str = "mnist_cnn"
     channels: list[int] = field(default_factory=lambda: [16, 8])  # the chapter text; the notebook: 14, 7
-    filter_size: int = 5
+    filter_size: int = 5  # odd: padding filter_size // 2 keeps 28x28
     hidden_size: int = 32
     activation: Activation = Activation.tanh
-    dropout_keep: float = 0.8  # keep probability after each layer but the last, as in the book
+    # Probability of KEEPING a unit after each layer but the last, as in the book; 1.0 = no dropout.
+    dropout_keep: float = 0.8
 
 
 @dataclass
@@ -133,21 +142,24 @@ class DataConfig:
 @dataclass
 class BostonDataConfig(DataConfig):
     name: str = "boston"
-    path: str | None = None  # a CSV with 13 feature columns then MEDV; None = the bundled copy
+    # None = the bundled CSV; or a CSV of your own with the same 14 columns (13 features then MEDV) and a header
+    path: str | None = None
     test_size: float = 0.3  # the book's train_test_split(test_size=0.3, random_state=80718)
     split_seed: int = 80718
-    scaling: Scaling = Scaling.train
+    scaling: Scaling = Scaling.train  # train: scaler fitted on the training rows | all: the book's, on all rows
     num_workers: int = 0  # DataLoader workers; 506 rows never need more
 
 
 @dataclass
 class MNISTDataConfig(DataConfig):
     name: str = "mnist"
-    root: str = MISSING  # holds MNIST/raw/ (torchvision's layout)
+    root: str = DATA_ROOT  # the folder that holds MNIST/raw/ (torchvision's layout)
     download: bool = True  # fetch the files through torchvision when they are missing
+    # tensor: whole splits held as tensors, scaled per batch | torchvision: the book's DataLoader
     pipeline: Pipeline = Pipeline.tensor
+    # auto: minmax [-1, 1] for the autoencoder, else standard (the book's mean 0.1305, std 0.3081)
     scaling: ImageScaling = ImageScaling.auto
-    num_workers: int = 0  # DataLoader workers, pipeline=torchvision only
+    num_workers: int = 0  # DataLoader worker processes, pipeline=torchvision only
 
 
 @dataclass
@@ -155,15 +167,18 @@ class DigitsDataConfig(DataConfig):
     name: str = "digits"
     test_size: float = 0.2
     split_seed: int = 0
+    # auto: minmax [-1, 1] for the autoencoder, else standard with the digits' own statistics
     scaling: ImageScaling = ImageScaling.auto
 
 
 @dataclass
 class TextDataConfig(DataConfig):
     name: str = "text"
-    corpus: Corpus = Corpus.book  # a text bundled with dlfs
-    path: str | None = None  # any UTF-8 text file instead of the corpus
-    sequence_length: int = 25  # characters per row of a batch (the chapter text's 25)
+    # a text bundled with dlfs: book (the notebook's 99,993 characters) | tinyshakespeare (1,115,394)
+    corpus: Corpus = Corpus.book
+    path: str | None = None  # any UTF-8 text file of your own instead of the corpus
+    sequence_length: int = 25  # characters per row of a batch (the chapter text's 25; the notebook's 50)
+    # streams: batch_size contiguous streams, each row's state carried | book: the notebook's windows
     batching: Batching = Batching.streams
     train_fraction: float = 0.8  # the first 80% of the text trains, the rest is held out (the book's split)
 
@@ -235,28 +250,31 @@ class LossConfig:
 @dataclass
 class TrainerConfig:
     epochs: int = 10
-    batch_size: int = 32
-    eval_every: int = 1  # evaluate on the held-out split every N epochs (and always at the end)
-    seed: int = 0  # in the YAML: ${seed}, the top-level key (dlfs train -m seed=1,2,3)
-    limit_batches: int | None = None  # at most N batches per epoch and per evaluation (smoke runs)
-    log_every: int = 100  # training steps between rows of training loss in metrics.csv
+    batch_size: int = 32  # the global batch, also over several processes
+    eval_every: int = 1  # evaluate on the held-out split every N epochs (and always after the last)
+    limit_batches: int | None = None  # at most N batches per epoch and per evaluation (quick smoke runs)
+    log_every: int = 100  # training steps between rows of training loss in metrics.csv (and the loss curve)
     checkpoint_every: int = 500  # training steps between mid-epoch saves of last.pt (0: epoch ends only)
-    deterministic: bool = False  # PyTorch's deterministic algorithms (slower on a GPU)
+    deterministic: bool = False  # PyTorch's deterministic algorithms (slower on a GPU; recorded in summary.json)
     nproc: int = 1  # > 1: data-parallel over N processes on this machine (dlfs re-runs itself under torchrun)
-    # speed switches, off by default (see README, Performance)
-    precision: Precision = Precision.fp32
+    # speed switches, off by default (see README, Performance); the first changes the numbers
+    precision: Precision = Precision.fp32  # fp32 | bf16 (bfloat16 autocast for the forward pass, CPU and CUDA)
     channels_last: bool = False  # convolutions in NHWC memory layout (often faster on CPUs and tensor cores)
-    compile: bool = False  # torch.compile the model (a one-off compilation first)
-    cudnn_benchmark: bool = False  # CUDA: let cuDNN time its algorithms for these shapes (not with deterministic)
-    tf32: bool = False  # CUDA (Ampere and later): TensorFloat32 in float32 matmuls and convolutions; off: true float32
+    compile: bool = False  # torch.compile the model (compiles first: pays off on long runs)
+    # CUDA only: cuDNN times its algorithms for these shapes and keeps the fastest (ignored if deterministic)
+    cudnn_benchmark: bool = False
+    # CUDA only (Ampere and later): TensorFloat32 in float32 matmuls and convolutions (recorded in
+    # summary.json); off: true float32
+    tf32: bool = False
 
 
 @dataclass
 class FiguresConfig:
-    enabled: bool = True  # PNG files in <run>/figures/ at the end of a run
-    tsne_points: int = 10_000  # autoencoder: test encodings in the t-SNE map (its cost grows fast)
-    reconstructions: int = 8  # autoencoder: originals shown beside their reconstructions
-    random_codes: int = 5  # autoencoder: uniform(-1, 1) codes put through the decoder
+    # PNG files in <run>/figures/ at the end of a run: loss curves; confusion matrix; autoencoder pictures
+    enabled: bool = True
+    tsne_points: int = 10_000  # autoencoder: test encodings in the t-SNE map (the book's 10,000; cost grows fast)
+    reconstructions: int = 8  # autoencoder: originals beside their reconstructions (the book's figure 7-3)
+    random_codes: int = 5  # autoencoder: uniform(-1, 1) codes through the decoder (the book's figure 7-5)
 
 
 class CheckpointChoice(str, Enum):
@@ -271,10 +289,12 @@ class GenerateConfig:
     run: str = MISSING  # the run folder
     length: int = 500  # characters to generate after the prime
     temperature: float = 1.0  # < 1 sharper, > 1 more random; near 0 always takes the likeliest character
-    prime: str | None = None  # text to start from; None = a newline (or the vocabulary's first character)
-    seed: int = 0
-    checkpoint: CheckpointChoice = CheckpointChoice.last
-    device: str = "cpu"
+    # text to start from (its characters must be in the run's vocabulary); None = a newline (or the
+    # vocabulary's first character)
+    prime: str | None = None
+    seed: int = 0  # the same seed gives the same text
+    checkpoint: CheckpointChoice = CheckpointChoice.last  # last | best
+    device: str = "cpu"  # cpu | cuda | cuda:N | mps
 
 
 @dataclass
@@ -282,8 +302,8 @@ class EvalConfig:
     """`dlfs eval`: recompute a finished run's held-out metrics from one of its checkpoints."""
 
     run: str = MISSING  # the run folder
-    checkpoint: CheckpointChoice = CheckpointChoice.last
-    device: str | None = None  # None: the device setting the run was trained with
+    checkpoint: CheckpointChoice = CheckpointChoice.last  # last | best
+    device: str | None = None  # None: the device setting the run was trained with; or cpu | cuda | cuda:N | mps
 
 
 @dataclass
@@ -300,18 +320,21 @@ class Target:
 
 @dataclass
 class ReproduceDataConfig:
-    root: str = "~/.cache/dlfs"  # where MNIST is (or is downloaded to)
+    root: str = DATA_ROOT  # holds MNIST/raw/ (downloaded there if missing), for every run
 
 
 @dataclass
 class ReproduceConfig:
     """`dlfs reproduce`: the book's chapter-7 numbers, re-run and compared."""
 
-    only: list[str] | None = None  # experiment names to run (default: all targets)
+    # experiment names to run, e.g. only=[book_boston,book_lstm_charmodel]; None: every target
+    only: list[str] | None = None
+    # each experiment once per seed; the report gives mean +- std and passes on the mean
     seeds: list[int] = field(default_factory=lambda: [0])
-    device: str = "auto"
-    quick: bool = False  # tiny offline data: checks the machinery, not the book's numbers
-    improved: bool = True  # also run our improved presets: the "beyond the book" table
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps, for every run
+    # tiny offline data (digits, a few batches), for tests: checks the machinery, the numbers mean nothing
+    quick: bool = False
+    improved: bool = True  # also run our improved presets (experiment/improved_*): the "beyond the book" table
     data: ReproduceDataConfig = field(default_factory=ReproduceDataConfig)
     targets: list[Target] = field(default_factory=list)
     quick_overrides: dict[str, list[str]] = field(default_factory=dict)  # per experiment, for quick=true
@@ -325,8 +348,8 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 class SweepConfig:
     """How `dlfs train -m` ranks its jobs in the sweep's summary.csv and table."""
 
-    metric: str = "test_loss"  # a held-out metric from summary.json
-    direction: Direction = Direction.auto
+    metric: str = "test_loss"  # any held-out metric in the jobs' summary.json (test_accuracy, test_mse, ...)
+    direction: Direction = Direction.auto  # auto (maximize *accuracy*, minimize the rest) | minimize | maximize
 
 
 @dataclass
@@ -338,11 +361,13 @@ class TrainConfig:
     loss: LossConfig = MISSING
     trainer: TrainerConfig = MISSING
     figures: FiguresConfig = field(default_factory=FiguresConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
-    seed: int = 0  # every random draw of a run: initial weights, data order, dropout
-    logger: Logger = Logger.csv
+    sweep: SweepConfig = field(default_factory=SweepConfig)  # dlfs train -m: how the jobs are ranked
+    # every random draw of a run: initial weights, data order, dropout (dlfs train -m seed=1,2,3)
+    seed: int = 0
+    logger: Logger = Logger.csv  # csv: metrics.csv | tensorboard: also event files in <run>/tensorboard/
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    resume: str | None = None  # a run folder to continue from its last.pt, with its own config
+    # a run folder: continue it from its checkpoints/last.pt, with its own config (dlfs train resume=PATH)
+    resume: str | None = None
 
 
 SCHEMAS: dict[str, dict[str, type]] = {
@@ -396,10 +421,25 @@ def _check(ok: bool, key: str, value: Any, rule: str) -> None:
         raise DlfsError(f"invalid value for {key}: {value!r} ({rule})")
 
 
+def _upgrade(plain: dict[str, Any]) -> dict[str, Any]:
+    """A config saved by an older dlfs, in today's keys. Its `trainer.seed` (`${seed}` by default, but
+    settable on its own) is the seed that run used for everything: it becomes the top-level `seed`."""
+    trainer = plain.get("trainer")
+    if isinstance(trainer, dict) and "seed" in trainer:
+        trainer = dict(trainer)
+        used = trainer.pop("seed")
+        plain = {**plain, "trainer": trainer}
+        if isinstance(used, int) or "seed" not in plain:  # a saved config is resolved: an int
+            plain["seed"] = used
+    return plain
+
+
 def typed_config(saved: Any) -> DictConfig:
     """A saved config (a run's config.yaml, a checkpoint's) typed and checked against the schemas again;
     keys added to the schemas since it was saved take their defaults."""
-    plain = OmegaConf.to_container(saved) if isinstance(saved, DictConfig) else dict(saved)
+    # a DictConfig's container is a dict, keyed by the config's names
+    plain = cast(dict[str, Any], OmegaConf.to_container(saved)) if isinstance(saved, DictConfig) else dict(saved)
+    plain = _upgrade(plain)
     fixed = {"loss": "loss", "trainer": "trainer"}  # groups with one schema
     try:
         typed = {}
@@ -410,7 +450,8 @@ def typed_config(saved: Any) -> DictConfig:
                 raise DlfsError(f"the saved config has no known {group} (name {name!r}; known: {', '.join(schemas)})")
             typed[group] = OmegaConf.merge(OmegaConf.structured(schemas[name]), node)
         rest = {k: v for k, v in plain.items() if k not in SCHEMAS}
-        return OmegaConf.merge(OmegaConf.structured(TrainConfig), typed, rest)
+        # merged into a structured dataclass config: a DictConfig
+        return cast(DictConfig, OmegaConf.merge(OmegaConf.structured(TrainConfig), typed, rest))
     except (ValueError, KeyError, AttributeError) as ex:  # OmegaConf's validation errors derive from these
         raise DlfsError(f"the saved config does not fit this dlfs version: {str(ex).splitlines()[0]}") from None
 
@@ -428,9 +469,9 @@ def reject_unknown_keys(node: Any, prefix: str = "") -> None:
         known = {f.name for f in dataclasses.fields(schema)}
         for key in node.keys():
             if key not in known:
-                raise DlfsError(f"unknown key '{prefix}{key}' (valid keys: {', '.join(sorted(known))})")
+                raise DlfsError(f"unknown key '{prefix}{key!s}' (valid keys: {', '.join(sorted(known))})")
     for key in node.keys():
-        reject_unknown_keys(node._get_node(key), f"{prefix}{key}.")
+        reject_unknown_keys(node._get_node(key), f"{prefix}{key!s}.")
 
 
 INT64 = 2**63 - 1
@@ -442,8 +483,9 @@ def check_numbers(node: Any, prefix: str = "") -> None:
     """No infinity or NaN where a number is meant, no integer beyond 64 bits (torch's and numpy's limit)."""
     if isinstance(node, DictConfig):
         for key in node.keys():
-            if not OmegaConf.is_missing(node, key) and not OmegaConf.is_interpolation(node, key):
-                check_numbers(node[key], f"{prefix}{key}.")
+            # is_interpolation's key is annotated int | str, but like is_missing it takes any DictConfig key
+            if not OmegaConf.is_missing(node, key) and not OmegaConf.is_interpolation(node, key):  # type: ignore[arg-type]
+                check_numbers(node[key], f"{prefix}{key!s}.")
         return
     if OmegaConf.is_list(node):
         for i, item in enumerate(node):
@@ -464,8 +506,7 @@ def validate(cfg: DictConfig) -> None:
     """Check value ranges that types cannot express; raises DlfsError naming the key."""
     reject_unknown_keys(cfg)
     check_numbers(cfg)
-    for key in ("seed", "trainer.seed"):
-        check_seed(key, OmegaConf.select(cfg, key))
+    check_seed("seed", cfg.seed)
     t = cfg.trainer
     _check(t.batch_size <= SIZE_MAX, "trainer.batch_size", t.batch_size, f"must be <= {SIZE_MAX}")
     _check(t.epochs >= 0, "trainer.epochs", t.epochs, "must be >= 0")

@@ -14,19 +14,26 @@ LOCAL_RANK and WORLD_SIZE by environment variables. They train one model togethe
   step; held-out metrics are summed over the ranks' shards of the test split.
 
 The process group carries CPU tensors over gloo and CUDA tensors over NCCL ("cpu:gloo,cuda:nccl"),
-so the per-step stop flag never waits for the GPU.
+so the per-step stop flag never waits for the GPU. With one process every collective is a no-op.
+
+Also here, for every command that runs a model (train, eval, generate): the device, the seeds, and
+the process-wide numeric switches (determinism, TF32).
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import random
 from dataclasses import dataclass
 from datetime import datetime
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from dlfs_cli.errors import DlfsError
 
 STAMP_ENV = "DLFS_RUN_STAMP"  # conf/train.yaml's hydra.run.dir uses it when set
 
@@ -68,8 +75,42 @@ class World:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return [int(v) for v in t.tolist()]
 
+    def any_stop(self, signum: int | None) -> int | None:
+        """After every step: a stop (a signal's number) asked of any rank stops every rank at this same
+        step; a rank stopping alone would leave the others waiting in the next gradient exchange."""
+        if not self.distributed:
+            return signum
+        return self.max_ints([signum or 0])[0] or None
+
+    def first_step(self, step: int) -> int | None:
+        """The earliest of the ranks' steps (-1: this rank has none); None when no rank has one."""
+        never = 1 << 62
+        earliest = -self.max_ints([-(step if step >= 0 else never)])[0]
+        return None if earliest == never else earliest
+
+    def sum_numbers(self, values: list[Tensor | float], device: torch.device) -> list[float]:
+        """Element-wise sums over the ranks of a few numbers, some on `device` (loss sums on an accelerator)
+        and some on the host (counts): all go onto the device in one dtype first, since a collective takes
+        one tensor and the process group carries device tensors over NCCL. One host sync."""
+        dtype = sum_dtype(device)
+        both = torch.stack([torch.as_tensor(v, dtype=dtype, device=device) for v in values])
+        return self.sum(both).tolist()
+
+    def mean(self, total: Tensor | float, n: int, device: torch.device) -> float:
+        """A loss summed over this rank's n targets, as the mean over every rank's targets."""
+        count: float = n
+        if self.distributed:
+            total, count = self.sum_numbers([total, n], device)
+        return float(total / max(count, 1))
+
 
 SINGLE = World()  # one process: no torchrun
+
+
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of running sums kept on `device`: float64 where the device has it; Apple's MPS has no
+    float64 (a float64 tensor there is an error), so float32."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def world() -> World:
@@ -100,6 +141,7 @@ def agree_on_run_stamp() -> None:
     w = world()
     stamp = [datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f") if w.main else None]  # Hydra's ${now:} format
     dist.broadcast_object_list(stamp, src=0)
+    assert stamp[0] is not None  # rank 0's, on every rank now
     os.environ[STAMP_ENV] = stamp[0]
 
 
@@ -109,3 +151,71 @@ def finish() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def set_deterministic(on: bool, device: torch.device) -> None:
+    """PyTorch's deterministic algorithms, and what CUDA needs for them (cuBLAS workspace, no cuDNN autotune)."""
+    # CUBLAS_WORKSPACE_CONFIG, which CUDA needs for them, is set when dlfs_cli is imported (before torch)
+    # warn_only: an operation with no deterministic kernel (some CUDA losses) warns instead of ending the run
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.backends.cudnn.deterministic = on
+    if on:
+        torch.backends.cudnn.benchmark = False
+
+
+def set_tf32(on: bool) -> None:
+    """trainer.tf32: TensorFloat32 (10-bit mantissa) in CUDA's float32 matmuls and cuDNN convolutions, or true
+    float32. Set either way: the flags are process-wide (an in-process sweep's next job), and torch's own
+    defaults mix them (TF32 convolutions, float32 matmuls). The CPU has no TF32: nothing changes there."""
+    torch.set_float32_matmul_precision("high" if on else "highest")
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+
+
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """auto picks CUDA, then MPS, then the CPU; asking for one that is not there is an error.
+    Under torchrun, `cuda` (or auto) is the local rank's GPU."""
+    if local_rank is not None and name.startswith("cuda") and name != "cuda":
+        raise DlfsError(f"device={name}: under torchrun each rank takes its own GPU; use device=cuda or device=auto")
+    if local_rank is not None and (name == "cuda" or (name == "auto" and torch.cuda.is_available())):
+        if torch.cuda.is_available() and local_rank >= torch.cuda.device_count():
+            raise DlfsError(
+                f"local rank {local_rank} has no GPU of its own: this machine has {torch.cuda.device_count()}; "
+                "start at most that many processes per machine (trainer.nproc, --nproc_per_node)"
+            )
+        name = f"cuda:{local_rank}"
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DlfsError(f"device={name}: CUDA is not available on this machine; use device=cpu or device=auto")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise DlfsError(f"device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise DlfsError("device=mps: MPS (Apple GPU) is not available on this machine; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def sweep_device(device: torch.device) -> torch.device:
+    """`device`, or for device=cuda (or auto on CUDA: no index) the GPU that sweep.job_gpu gives this job of
+    a joblib sweep: parallel jobs all took GPU 0."""
+    if device != torch.device("cuda"):
+        return device
+    from dlfs_cli import sweep
+
+    index = sweep.job_gpu(torch.cuda.device_count())
+    if index is None:
+        return device
+    torch.cuda.set_device(index)  # the job's own GPU also for calls that take the current one
+    return torch.device("cuda", index)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device

@@ -11,6 +11,12 @@ class DlfsError(Exception):
     exit_code = 2
 
 
+def exit_code_of(ex: BaseException, default: int = 2) -> int:
+    """The exit code an exception asks for: a DlfsError's (2; 128 + N for a stop by signal N, as lifecycle's
+    Stopped and Aborted carry), else `default`."""
+    return getattr(ex, "exit_code", default)
+
+
 def os_error_message(ex: OSError, action: str = "cannot use") -> str:
     """One line naming the file and the reason, e.g. "could not write runs/x/summary.json: the disk is full"."""
     reason = {

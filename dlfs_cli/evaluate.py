@@ -8,44 +8,42 @@ from typing import Any
 
 import torch
 
-from dlfs_cli.checkpoint import load_run_model
+from dlfs_cli.checkpoint import load_run_checkpoint, load_weights
+from dlfs_cli.config import typed_config
 from dlfs_cli.data import build_data
-from dlfs_cli.models import RECONSTRUCTS
-from dlfs_cli.train import resolve_device, set_tf32
+from dlfs_cli.distributed import resolve_device, set_tf32
+from dlfs_cli.models import RECONSTRUCTS, build_model
+from dlfs_cli.tracking import CHECKPOINT_DIR
 from dlfs_cli.trainer import evaluate
 
 
 def evaluate_run(run_dir: Path, checkpoint: str = "last", device: str | None = None) -> dict[str, Any]:
     """{"recomputed": metrics now, "recorded": metrics saved with that checkpoint, "epoch", "batch_in_epoch"}."""
-    data = {}
-
-    def info_for(cfg, state):  # the run's own data, rebuilt: it sizes the model and is what gets evaluated
-        target = resolve_device(device or cfg.device)  # the run's device setting unless one is named
-        set_tf32(cfg.trainer.tf32)  # the run's float32 policy on a GPU, as it was measured
-        data["bundle"], data["device"] = (
-            build_data(cfg.data, cfg.trainer.batch_size, cfg.trainer.seed, target, cfg.model.name in RECONSTRUCTS),
-            target,
-        )
-        return data["bundle"].info
-
-    model, cfg, state = load_run_model(run_dir, checkpoint, torch.device("cpu"), info_for)
-    model = model.to(data["device"])
+    state = load_run_checkpoint(run_dir, checkpoint)
+    cfg = typed_config(state.config)
+    target = resolve_device(device or cfg.device)  # the run's device setting unless one is named
+    set_tf32(cfg.trainer.tf32)  # the run's float32 policy on a GPU, as it was measured
+    # the run's own data, rebuilt: it sizes the model and is what gets evaluated
+    data = build_data(cfg.data, cfg.trainer.batch_size, cfg.seed, target, cfg.model.name in RECONSTRUCTS)
+    model = build_model(cfg.model, data.info)
+    load_weights(model, state.model, run_dir / CHECKPOINT_DIR / f"{checkpoint}.pt")
+    model = model.to(target)
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
     metrics = evaluate(
         model,
-        data["bundle"].test,
+        data.test,
         cfg.loss.name,
-        data["device"],
+        target,
         cfg.trainer.limit_batches,
         bf16=cfg.trainer.precision == "bf16",  # as the run measured them
         channels_last=cfg.trainer.channels_last,
     )
     return {
         "recomputed": metrics,
-        "recorded": state.get("metrics", {}),
-        "epoch": state.get("epoch"),
-        "batch_in_epoch": state.get("batch_in_epoch", 0),
+        "recorded": state.metrics,
+        "epoch": state.epoch,
+        "batch_in_epoch": state.batch_in_epoch,
     }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Iterable
 from pathlib import Path
+from typing import cast
 
 import matplotlib
 
@@ -39,7 +40,7 @@ def make_figures(
         y_true, y_pred = _predictions(model, test_loader, device)
         written.append(confusion_matrix(y_true, y_pred, out / "confusion_matrix.png"))
     if hasattr(model, "encoder") and hasattr(model, "decoder"):
-        written += autoencoder_figures(model, test_loader, test_labels, cfg.figures, cfg.trainer.seed, device, out)
+        written += autoencoder_figures(model, test_loader, test_labels, cfg.figures, cfg.seed, device, out)
     for path in written:
         log.info("figure %s", path)
     return written
@@ -55,8 +56,8 @@ def loss_curves(metrics_csv: Path, path: Path, title: str) -> Path:
             steps, losses = zip(*points, strict=True)
             ax.plot(steps, losses, style, label=f"{split} loss")
     ax.set(xlabel="training step", ylabel="loss", title=f"{title}: loss")
-    losses = [float(r["loss"]) for r in rows if r["loss"]]
-    if losses and min(losses) > 0 and max(losses) / min(losses) > 50:
+    every_loss = [float(r["loss"]) for r in rows if r["loss"]]
+    if every_loss and min(every_loss) > 0 and max(every_loss) / min(every_loss) > 50:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -106,7 +107,8 @@ def autoencoder_figures(
                 break
         generator = torch.Generator().manual_seed(seed)
         random_codes = torch.rand(cfg.random_codes, codes[0].shape[1], generator=generator) * 2 - 1
-        decoded = model.decoder(random_codes.to(device)).cpu()
+        decoder = cast(nn.Module, model.decoder)  # Module.__getattr__ is annotated Tensor | Module
+        decoded = decoder(random_codes.to(device)).cpu()
     written = []
     if cfg.reconstructions:
         written.append(

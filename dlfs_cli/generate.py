@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from dlfs_cli.checkpoint import load_run_model
-from dlfs_cli.config import DlfsError
 from dlfs_cli.data import DataInfo
+from dlfs_cli.errors import DlfsError
 
 GREEDY_BELOW = 1e-3  # a temperature this small means: always the likeliest character
 
@@ -50,9 +50,10 @@ def load_char_model(run_dir: Path, checkpoint: str, device: torch.device) -> tup
     """The trained NextCharacterModel of a run folder and its vocabulary."""
 
     def info_for(cfg, state) -> DataInfo:
-        if cfg.model.name != "lstm_charmodel" or not state.get("vocab"):
+        if cfg.model.name != "lstm_charmodel" or not state.vocab:
             raise DlfsError(f"run={run_dir} trained model={cfg.model.name}; dlfs generate needs an lstm_charmodel run")
-        return DataInfo(name="text", source=str(run_dir), n_train=0, n_test=0, vocab=state["vocab"])
+        return DataInfo(name="text", source=str(run_dir), n_train=0, n_test=0, vocab=state.vocab)
 
     model, _, state = load_run_model(run_dir, checkpoint, device, info_for)
-    return model, state["vocab"]
+    assert state.vocab is not None  # info_for refused a checkpoint without one
+    return model, state.vocab

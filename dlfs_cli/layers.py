@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from dlfs_cli.config import Activation, DlfsError
+from dlfs_cli.dropout import Dropout
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "sigmoid": nn.Sigmoid,
@@ -32,9 +33,10 @@ def make_activation(name: str | Activation) -> nn.Module:
 
 
 def _dropout(keep: float) -> nn.Module:
+    """nn.Dropout(p = 1 - keep) with cheaper CPU masks (dlfs_cli/dropout.py); keep 1 = no layer."""
     if not 0 < keep <= 1:
         raise DlfsError(f"dropout_keep must be in (0, 1], got {keep}")
-    return nn.Dropout(1 - keep) if keep < 1 else nn.Identity()
+    return Dropout(keep) if keep < 1 else nn.Identity()
 
 
 class DenseLayer(nn.Module):
@@ -90,14 +92,15 @@ def lstm_precision(x: Tensor) -> AbstractContextManager:
 class LSTMLayer(nn.Module):
     """nn.LSTM(batch_first) over the whole sequence, then a DenseLayer at every time step.
 
-    The carried (h, c) state is passed in and returned rather than kept on the layer: the caller
-    (the trainer) owns it, so it follows the model's device, is never the batch mean of the last
-    states, and evaluation cannot overwrite the training state (three bugs of the book's code).
+    The carried (h, c) state is passed in and returned rather than kept on the layer: the caller (the
+    trainer's CarriedState) owns it, so it follows the model's device, evaluation cannot overwrite the
+    training state (two bugs of the book's code), and how it is carried is the data's choice: each row's
+    own final state (data.batching=streams), or the batch mean of the final states for every row, as
+    the book's notebook carries it (data.batching=book). None is the zero state.
     """
 
     def __init__(self, input_size: int, hidden_size: int, output_size: int) -> None:
         super().__init__()
-        self.hidden_size = hidden_size
         self.lstm = nn.LSTM(input_size, hidden_size, batch_first=True)
         self.fc = DenseLayer(hidden_size, output_size)
 
@@ -106,7 +109,3 @@ class LSTMLayer(nn.Module):
         with lstm_precision(x):
             out, (h, c) = self.lstm(x.float(), state)  # float32 whatever the caller passes (a no-op for one-hots)
         return self.fc(out), (h, c)
-
-    def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> LSTMState:
-        zeros = torch.zeros(1, batch_size, self.hidden_size, device=device)
-        return zeros, zeros.clone()

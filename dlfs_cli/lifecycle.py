@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
 
-from dlfs_cli.config import DlfsError
+from dlfs_cli.errors import DlfsError
 
 log = logging.getLogger("dlfs")
 

@@ -6,10 +6,11 @@ trainer (which also carries a recurrent model's state between batches).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from dlfs_cli.config import DlfsError
@@ -18,11 +19,9 @@ from dlfs_cli.layers import ConvLayer, DenseLayer, LSTMLayer, LSTMState
 
 
 class HousePricesModel(nn.Module):
-    """The book's Boston model: Dense(13 -> hidden, activation, dropout) -> Dense(hidden -> 1)."""
+    """The book's Boston model: Dense(in_features -> hidden, activation, dropout) -> Dense(hidden -> 1)."""
 
-    def __init__(
-        self, in_features: int = 13, hidden_size: int = 13, activation: str = "sigmoid", dropout_keep: float = 1.0
-    ) -> None:
+    def __init__(self, *, in_features: int, hidden_size: int, activation: str, dropout_keep: float) -> None:
         super().__init__()
         self.dense1 = DenseLayer(in_features, hidden_size, activation=activation, dropout_keep=dropout_keep)
         self.dense2 = DenseLayer(hidden_size, 1)
@@ -36,13 +35,14 @@ class MNIST_ConvNet(nn.Module):  # noqa: N801 - the book's name
 
     def __init__(
         self,
-        image_shape: tuple[int, int, int] = (1, 28, 28),
-        num_classes: int = 10,
-        channels: tuple[int, int] = (16, 8),
-        filter_size: int = 5,
-        hidden_size: int = 32,
-        activation: str = "tanh",
-        dropout_keep: float = 0.8,
+        *,
+        image_shape: tuple[int, int, int],
+        num_classes: int,
+        channels: Sequence[int],
+        filter_size: int,
+        hidden_size: int,
+        activation: str,
+        dropout_keep: float,
     ) -> None:
         super().__init__()
         c, h, w = image_shape
@@ -63,11 +63,12 @@ class Encoder(nn.Module):
 
     def __init__(
         self,
-        image_shape: tuple[int, int, int] = (1, 28, 28),
-        hidden_dim: int = 28,
-        channels: tuple[int, int] = (14, 7),
-        filter_size: int = 5,
-        activation: str = "tanh",
+        *,
+        image_shape: tuple[int, int, int],
+        hidden_dim: int,
+        channels: Sequence[int],
+        filter_size: int,
+        activation: str,
     ) -> None:
         super().__init__()
         c, h, w = image_shape
@@ -84,11 +85,12 @@ class Decoder(nn.Module):
 
     def __init__(
         self,
-        image_shape: tuple[int, int, int] = (1, 28, 28),
-        hidden_dim: int = 28,
-        channels: tuple[int, int] = (14, 7),
-        filter_size: int = 5,
-        activation: str = "tanh",
+        *,
+        image_shape: tuple[int, int, int],
+        hidden_dim: int,
+        channels: Sequence[int],
+        filter_size: int,
+        activation: str,
     ) -> None:
         super().__init__()
         c, h, w = image_shape
@@ -107,15 +109,28 @@ class Autoencoder(nn.Module):
 
     def __init__(
         self,
-        image_shape: tuple[int, int, int] = (1, 28, 28),
-        hidden_dim: int = 28,
-        channels: tuple[int, int] = (14, 7),
-        filter_size: int = 5,
-        activation: str = "tanh",
+        *,
+        image_shape: tuple[int, int, int],
+        hidden_dim: int,
+        channels: Sequence[int],
+        filter_size: int,
+        activation: str,
     ) -> None:
         super().__init__()
-        self.encoder = Encoder(image_shape, hidden_dim, channels, filter_size, activation)
-        self.decoder = Decoder(image_shape, hidden_dim, channels, filter_size, activation)
+        self.encoder = Encoder(
+            image_shape=image_shape,
+            hidden_dim=hidden_dim,
+            channels=channels,
+            filter_size=filter_size,
+            activation=activation,
+        )
+        self.decoder = Decoder(
+            image_shape=image_shape,
+            hidden_dim=hidden_dim,
+            channels=channels,
+            filter_size=filter_size,
+            activation=activation,
+        )
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         code = self.encoder(x)
@@ -129,7 +144,7 @@ class NextCharacterModel(nn.Module):
     returns logits arranged (batch, vocab, length) for CrossEntropyLoss, with the new state.
     """
 
-    def __init__(self, vocab_size: int, hidden_size: int = 256) -> None:
+    def __init__(self, *, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
         self.vocab_size = vocab_size
         self.lstm = LSTMLayer(vocab_size, hidden_size, vocab_size)
@@ -151,33 +166,38 @@ def _needs(info: DataInfo, what: str, model: str) -> None:
         raise DlfsError(f"model={model} needs {kind}; data={info.name} has none")
 
 
+def _fields(cfg: DictConfig) -> dict[str, Any]:
+    """The model's settings from its config, as keyword arguments (its `name` picked the class)."""
+    fields = cast(dict[str, Any], OmegaConf.to_container(cfg, enum_to_str=True))
+    return {k: v for k, v in fields.items() if k != "name"}
+
+
 def _mnist_cnn(cfg: DictConfig, info: DataInfo) -> nn.Module:
     _needs(info, "image_shape", "mnist_cnn")
     _needs(info, "num_classes", "mnist_cnn")
-    return MNIST_ConvNet(
-        info.image_shape,
-        info.num_classes,
-        tuple(cfg.channels),
-        cfg.filter_size,
-        cfg.hidden_size,
-        cfg.activation,
-        cfg.dropout_keep,
-    )
+    assert info.image_shape is not None and info.num_classes is not None  # _needs refused None
+    return MNIST_ConvNet(**_fields(cfg), image_shape=info.image_shape, num_classes=info.num_classes)
 
 
 def _autoencoder(cfg: DictConfig, info: DataInfo) -> nn.Module:
     _needs(info, "image_shape", "autoencoder")
-    return Autoencoder(info.image_shape, cfg.hidden_dim, tuple(cfg.channels), cfg.filter_size, cfg.activation)
+    assert info.image_shape is not None  # _needs refused None
+    return Autoencoder(**_fields(cfg), image_shape=info.image_shape)
 
 
 def _lstm_charmodel(cfg: DictConfig, info: DataInfo) -> nn.Module:
     _needs(info, "vocab", "lstm_charmodel")
-    return NextCharacterModel(len(info.vocab), cfg.hidden_size or len(info.vocab))
+    assert info.vocab is not None  # _needs refused None
+    vocab_size = len(info.vocab)
+    fields = _fields(cfg)
+    hidden_size = fields.pop("hidden_size") or vocab_size  # None: the vocabulary size (the book's notebook)
+    return NextCharacterModel(**fields, vocab_size=vocab_size, hidden_size=hidden_size)
 
 
 def _boston(cfg: DictConfig, info: DataInfo) -> nn.Module:
     _needs(info, "num_features", "boston")
-    return HousePricesModel(info.num_features, cfg.hidden_size, cfg.activation, cfg.dropout_keep)
+    assert info.num_features is not None  # _needs refused None
+    return HousePricesModel(**_fields(cfg), in_features=info.num_features)
 
 
 MODELS: dict[str, Callable[[DictConfig, DataInfo], nn.Module]] = {

@@ -22,7 +22,9 @@ from typing import Any
 from hydra import compose
 from omegaconf import DictConfig
 
-from dlfs_cli.config import DlfsError
+from dlfs_cli.errors import DlfsError, exit_code_of
+from dlfs_cli.runs import fmt
+from dlfs_cli.summary import Summary
 from dlfs_cli.tracking import SUMMARY_FILE, log, write_atomic
 
 REPORT_MD = "REPORT.md"
@@ -37,7 +39,9 @@ FIGURES = {  # what REPORT.md shows of each model's run, in this order
 
 
 @dataclass
-class Run:
+class SeedRun:
+    """One preset trained at one seed (runs.Run is what any run folder says about itself)."""
+
     seed: int
     run_dir: Path
     status: str  # completed | failed | diverged | interrupted | not run
@@ -54,7 +58,7 @@ class Result:
     metric: str
     book: float | None
     tolerance: str | None  # "<= 20", ">= 0.965"
-    runs: list[Run]
+    runs: list[SeedRun]
     ours: float | None = None  # the mean over the seeds that completed
     std: float | None = None
     passed: bool | None = None  # None: not run, or no tolerance
@@ -116,7 +120,7 @@ def _experiment(cfg: DictConfig, out: Path, name: str, target: Any) -> Result:
     return result
 
 
-def _run(cfg: DictConfig, out: Path, name: str, seed: int) -> Run:
+def _run(cfg: DictConfig, out: Path, name: str, seed: int) -> SeedRun:
     """One preset, one seed, as a full run folder: <out>/<name>/seed<seed>/."""
     from dlfs_cli.train import train  # torch: only once there is something to train
 
@@ -131,19 +135,19 @@ def _run(cfg: DictConfig, out: Path, name: str, seed: int) -> Run:
             child.data.root = cfg.data.root
         log.info("reproduce: %s seed %d -> %s", name, seed, run_dir)
         metrics = train(child, run_dir)
-        return Run(seed, run_dir, "completed", metrics, time.monotonic() - t0)
+        return SeedRun(seed, run_dir, "completed", metrics, time.monotonic() - t0)
     except DlfsError as ex:
-        if getattr(ex, "exit_code", 2) != 2:  # a signal: stop the whole reproduction (the report is not written)
+        if exit_code_of(ex) != 2:  # a signal: stop the whole reproduction (the report is not written)
             raise
         summary = _summary(run_dir)
-        status = summary.get("status", "not run") if summary else "not run"  # refused before it trained
+        status = summary.status if summary is not None and summary.status else "not run"  # refused before it trained
         log.error("reproduce: %s seed %d %s: %s", name, seed, status, ex)
-        return Run(seed, run_dir, status, {}, time.monotonic() - t0, str(ex))
+        return SeedRun(seed, run_dir, status, {}, time.monotonic() - t0, str(ex))
 
 
-def _summary(run_dir: Path) -> dict[str, Any] | None:
+def _summary(run_dir: Path) -> Summary | None:
     try:
-        return json.loads((run_dir / SUMMARY_FILE).read_text())
+        return Summary.load(run_dir / SUMMARY_FILE)
     except (OSError, ValueError):
         return None
 
@@ -190,15 +194,15 @@ def _report_json(cfg: DictConfig, book: list[Result], improved: list[Result], se
 
 
 def _environment(results: list[Result]) -> dict[str, Any]:
-    summary = next((s for r in results for run in r.runs if (s := _summary(run.run_dir))), {})
+    summary = next((s for r in results for run in r.runs if (s := _summary(run.run_dir)) is not None), Summary())
     env: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": "dlfs reproduce " + " ".join(sys.argv[1:]),
-        "device": summary.get("device"),
-        "versions": summary.get("versions"),
+        "device": summary.device,
+        "versions": summary.versions,
         "machine": f"{platform.node()}, {platform.platform()}, {os.cpu_count()} CPUs",
     }
-    if str(summary.get("device", "")).startswith("cuda"):
+    if (summary.device or "").startswith("cuda"):
         import torch
 
         env["gpu"] = torch.cuda.get_device_name()
@@ -206,10 +210,10 @@ def _environment(results: list[Result]) -> dict[str, Any]:
 
 
 def _fmt(x: float | None, std: float | None = None) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
+    """runs.fmt's numbers; "-" for none (or NaN) in the report's tables."""
+    if x is None or math.isnan(x):
         return "-"
-    text = f"{x:.4g}"
-    return f"{text} +- {std:.2g}" if std is not None else text
+    return fmt(float(x), std, std_digits=2)
 
 
 def _verdict(r: Result) -> str:

@@ -7,14 +7,18 @@ figures, device). Anything else would make the continued run a different experim
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
-from dlfs_cli.config import DlfsError, typed_config
-from dlfs_cli.tracking import CONFIG_FILE, SUMMARY_FILE
+from dlfs_cli.config import typed_config
+from dlfs_cli.errors import DlfsError
+from dlfs_cli.summary import Summary
+from dlfs_cli.tracking import CHECKPOINT_DIR, CONFIG_FILE, SUMMARY_FILE
+
+if TYPE_CHECKING:
+    from dlfs_cli.checkpoint import Checkpoint
 
 ALLOWED = (
     "trainer.epochs",
@@ -26,6 +30,48 @@ ALLOWED = (
     "logger",
     "figures.",
 )
+
+
+def prepare(composed: DictConfig, overrides: list[str], run_dir: Path) -> tuple[DictConfig, Checkpoint | None] | None:
+    """What `dlfs train resume=run_dir` continues with: the run's config (with the allowed overrides) and
+    the state in its last.pt, for train(cfg, run_dir, state). The state is None for a run stopped before
+    its first step (it starts again from the beginning); None in all for a run already complete."""
+    cfg = resume_config(composed, overrides, run_dir)
+    if cfg is None:
+        return None
+    return cfg, last_state(run_dir, cfg)
+
+
+def last_state(run_dir: Path, cfg: DictConfig) -> Checkpoint | None:
+    """The run's last.pt, checked to belong to this model and data and to be within trainer.epochs."""
+    from dlfs_cli.checkpoint import FORMAT_VERSION, config_hash, describe, load_run_checkpoint  # torch
+
+    path = run_dir / CHECKPOINT_DIR / "last.pt"
+    if not path.exists() and not _trained_any(run_dir):
+        return None
+    state = load_run_checkpoint(run_dir, "last")  # on the CPU: the RNG states must stay there
+    if state.format_version < FORMAT_VERSION:
+        raise DlfsError(
+            f"{path} was written by an older dlfs (checkpoint format {state.format_version}) that did not save "
+            "what an exact resume needs; start a new run"
+        )
+    plain_cfg = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    if state.config_hash != config_hash(plain_cfg):
+        raise DlfsError(
+            f"{path} holds {describe(state.config)}, but the run's config is "
+            f"{describe(plain_cfg)} (or differs in the model or data settings); refusing to mix them"
+        )
+    if state.epoch > cfg.trainer.epochs:
+        epochs = cfg.trainer.epochs
+        raise DlfsError(f"resume: trainer.epochs={epochs} is below the {state.epoch} epochs already trained")
+    return state
+
+
+def _trained_any(run_dir: Path) -> bool:
+    try:
+        return bool(Summary.load(run_dir / SUMMARY_FILE).step)
+    except (OSError, ValueError):
+        return True  # unreadable: let load_run_checkpoint say what is missing
 
 
 def resume_config(composed: DictConfig, overrides: list[str], run_dir: Path) -> DictConfig | None:
@@ -47,8 +93,8 @@ def resume_config(composed: DictConfig, overrides: list[str], run_dir: Path) -> 
                 "start a new run instead"
             )
         OmegaConf.update(cfg, key, OmegaConf.select(composed, key), merge=False)
-    summary: dict[str, Any] = json.loads(summary_file.read_text())
-    done = summary.get("epochs_completed", 0)
+    summary = Summary.load(summary_file)
+    done = summary.epochs_completed or 0
     if cfg.trainer.epochs < done:
         raise DlfsError(f"resume: trainer.epochs={cfg.trainer.epochs} is below the {done} epochs already trained")
     saved_epochs = OmegaConf.load(config_file).trainer.epochs
@@ -59,6 +105,6 @@ def resume_config(composed: DictConfig, overrides: list[str], run_dir: Path) -> 
             f"resume cannot change trainer.epochs of this run: its scheduler={s.name} was fitted to "
             f"{saved_epochs} epochs; start a new run instead"
         )
-    if summary.get("status") == "completed" and cfg.trainer.epochs == done:
+    if summary.status == "completed" and cfg.trainer.epochs == done:
         return None
     return cfg

@@ -93,7 +93,7 @@ def torchrun_rank() -> int:
 def parent_holds(folder: Path) -> bool:
     """trainer.nproc=N: the dlfs process that started torchrun holds this folder's lock for its ranks."""
     parent = os.environ.get(PARENT_ENV)
-    return bool(parent) and Path(parent).resolve() == folder.resolve()
+    return bool(parent and Path(parent).resolve() == folder.resolve())
 
 
 def holds(folder: Path) -> bool:

@@ -7,7 +7,6 @@ so listing hundreds of runs takes a fraction of a second.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -18,12 +17,13 @@ import yaml
 
 from dlfs_cli import runlock
 from dlfs_cli.errors import DlfsError
+from dlfs_cli.summary import Summary
 from dlfs_cli.tracking import SUMMARY_FILE
 
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
 STATUSES = ("completed", "running", "killed", "diverged", "interrupted", "failed", "skipped", "unknown", "unreadable")
 # Keys that only pick the random draws: runs that differ in nothing else are seeds of one setting.
-SEED_KEYS = frozenset({"seed", "trainer.seed"})
+SEED_KEYS = frozenset({"seed"})
 # Overrides that say where a run goes or how it is shown, not what it is: left out of the tables.
 HIDDEN_KEYS = ("hydra.", "figures.", "sweep.")
 
@@ -33,21 +33,18 @@ class Run:
     """What a run folder says about itself."""
 
     path: Path
-    summary: dict[str, Any]
+    summary: Summary
     overrides: dict[str, str] = field(default_factory=dict)
     job: int | None = None  # its number in a sweep
 
     @property
     def status(self) -> str:
-        status = self.summary.get("status", "failed")
+        status = "failed" if self.summary.status is None else self.summary.status
         return status if status in STATUSES else "unreadable"
 
     @property
     def metrics(self) -> dict[str, float]:
-        metrics = self.summary.get("metrics")
-        if not isinstance(metrics, dict):
-            return {}
-        return {str(k): v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        return self.summary.metrics or {}
 
 
 def read_run(path: Path) -> Run | None:
@@ -66,17 +63,15 @@ def read_run(path: Path) -> Run | None:
         except (OSError, yaml.YAMLError, AttributeError):
             pass
     try:
-        summary = json.loads((path / SUMMARY_FILE).read_text())
-        if not isinstance(summary, dict):
-            raise ValueError(f"a JSON {type(summary).__name__}, not an object")
+        summary = Summary.load(path / SUMMARY_FILE)
     except FileNotFoundError:
         if command != "train":
             return None
-        summary = {"status": "unknown", "error": "no summary.json: starting, or ended before it began (killed?)"}
+        summary = Summary(status="unknown", error="no summary.json: starting, or ended before it began (killed?)")
     except (OSError, ValueError) as ex:  # one malformed folder never hides the others
-        summary = {"status": "unreadable", "error": f"unreadable summary.json: {str(ex)[:200]}"}
-    if summary.get("status") == "running" and runlock.holder(path) is None:
-        summary = {**summary, "status": "killed", "error": "no process is writing it: killed or crashed (resume it)"}
+        summary = Summary(status="unreadable", error=f"unreadable summary.json: {str(ex)[:200]}")
+    if summary.status == "running" and runlock.holder(path) is None:
+        summary.update(status="killed", error="no process is writing it: killed or crashed (resume it)")
     return Run(path, summary, overrides, job if isinstance(job, int) else None)
 
 
@@ -119,12 +114,12 @@ def table_console() -> Any:
     return console if console.is_terminal else Console(width=240)
 
 
-def fmt(value: Any) -> str:
+def fmt(value: Any, std: float | None = None, std_digits: int = 3) -> str:
+    """A number for a table: a float to 4 significant digits (with `+- std` when given), None empty."""
     if value is None:
         return ""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return text if std is None else f"{text} +- {std:.{std_digits}g}"
 
 
 # --- dlfs runs -------------------------------------------------------------------------------
@@ -161,11 +156,11 @@ def _parser() -> argparse.ArgumentParser:
 def _sort_key(run: Run, key: str) -> tuple:
     """Runs without the value go last; numbers sort as numbers."""
     value: Any = {
-        "started": run.summary.get("started_at"),
-        "duration": run.summary.get("duration_s"),
-        "epochs": run.summary.get("epochs_completed"),
+        "started": run.summary.started_at,
+        "duration": run.summary.duration_s,
+        "epochs": run.summary.epochs_completed,
         "status": run.status,
-        "model": run.summary.get("model"),
+        "model": run.summary.model,
         "run": str(run.path),
     }.get(key, run.metrics.get(key, run.overrides.get(key)))
     if value is None:
@@ -183,7 +178,7 @@ def list_runs(argv: list[str]) -> int:
         raise DlfsError(f"{root}: no such folder (dlfs runs lists the run folders under a folder, default outputs/)")
     runs = find_runs(root)
     if args.model:
-        runs = [r for r in runs if r.summary.get("model") == args.model]
+        runs = [r for r in runs if r.summary.model == args.model]
     if args.status:
         runs = [r for r in runs if r.status == args.status]
     overrides = {k for r in runs for k in r.overrides}
@@ -210,16 +205,16 @@ def print_runs(runs: list[Run], root: Path) -> None:
         table.add_column(name, justify="right" if numeric else "left", overflow="fold")
     for run in runs:
         s = run.summary
-        epochs = f"{s.get('epochs_completed', '')}/{s.get('epochs', '')}" if "epochs" in s else ""
+        epochs = f"{fmt(s.epochs_completed)}/{s.epochs}" if s.epochs is not None else ""
         table.add_row(
             escape(str(run.path.relative_to(root)) if run.path != root else str(root)),
-            escape(str(s.get("model", ""))),
+            escape(s.model or ""),
             _styled(run.status),
             *(escape(run.overrides.get(k, "")) for k in overrides),
             *(fmt(run.metrics.get(k)) for k in metrics),
             epochs,
-            fmt(s.get("duration_s")),
-            escape(str(s.get("started_at", ""))[:19].replace("T", " ")),
+            fmt(s.duration_s),
+            escape((s.started_at or "")[:19].replace("T", " ")),
         )
     console = table_console()
     console.print(f"{len(runs)} run(s) under {root}", highlight=False)
@@ -227,7 +222,7 @@ def print_runs(runs: list[Run], root: Path) -> None:
     for run in runs:
         if run.status in ("unreadable", "killed"):
             where = run.path.relative_to(root) if run.path != root else root
-            console.print(f"  {where}: {run.status}: {run.summary.get('error', '')}", markup=False, highlight=False)
+            console.print(f"  {where}: {run.status}: {run.summary.error or ''}", markup=False, highlight=False)
 
 
 def _styled(status: str) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import os
@@ -28,9 +27,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from dlfs_cli import lifecycle
-from dlfs_cli.config import DlfsError
+from dlfs_cli.errors import DlfsError, exit_code_of
 from dlfs_cli.runs import SEED_KEYS, Run, fmt, metric_keys, read_run, table_console, varying_keys
-from dlfs_cli.tracking import SUMMARY_FILE, write_atomic
+from dlfs_cli.summary import Summary
+from dlfs_cli.tracking import SUMMARY_FILE, csv_cell, write_atomic
 
 log = logging.getLogger("dlfs")
 
@@ -165,10 +165,11 @@ def job_failed(run_dir: Path, cfg: DictConfig, ex: Exception) -> float:
     if not (run_dir / SUMMARY_FILE).exists():
         status = "skipped" if isinstance(ex, Skipped) else "failed"
         error = str(ex) if isinstance(ex, DlfsError) else f"{type(ex).__name__}: {ex}"
-        summary = {"status": status, "error": error, "model": cfg.model.name, "data": cfg.data.name}
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
-    if getattr(ex, "exit_code", 2) != 2 and in_process():  # a signal to this process, which runs the next jobs
+        Summary().update(status=status, error=error, model=cfg.model.name, data=cfg.data.name).save(
+            run_dir / SUMMARY_FILE
+        )
+    if exit_code_of(ex) != 2 and in_process():  # a signal to this process, which runs the next jobs
         (Path(HydraConfig.get().sweep.dir) / STOP_FILE).touch()
     log.error("job %s: %s", HydraConfig.get().job.num, ex)
     return math.nan
@@ -199,11 +200,11 @@ def summarize(sweep: SweepFolder, print_tables: bool = True) -> list[Run]:
             r.job if r.job is not None else "",
             *(r.overrides.get(k, "") for k in override_keys),
             r.status,
-            *(_csv_number(r.metrics.get(k)) for k in metrics),
-            r.summary.get("epochs_completed", ""),
-            r.summary.get("duration_s", ""),
+            *(csv_cell(r.metrics.get(k)) for k in metrics),
+            r.summary.epochs_completed,  # None: an empty cell
+            r.summary.duration_s,
             str(r.path.resolve()),
-            r.summary.get("error", ""),
+            r.summary.error,
         ]
         for r in jobs
     ]
@@ -215,7 +216,7 @@ def summarize(sweep: SweepFolder, print_tables: bool = True) -> list[Run]:
     if groups:
         seed_header = [*groups[0]["setting"].keys(), "seeds", *(f"{m}_{s}" for m in metrics for s in ("mean", "std"))]
         seed_rows = [
-            [*g["setting"].values(), g["n"], *(_csv_number(g[m][i]) for m in metrics for i in (0, 1))] for g in groups
+            [*g["setting"].values(), g["n"], *(csv_cell(g[m][i]) for m in metrics for i in (0, 1))] for g in groups
         ]
         _write_csv(sweep.path / SEEDS_CSV, seed_header, seed_rows)
     if print_tables:
@@ -260,10 +261,6 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def _csv_number(x: Any) -> Any:
-    return "" if x is None else (f"{x:.6g}" if isinstance(x, float) else x)
-
-
 def _write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
     buffer = io.StringIO()
     csv.writer(buffer).writerows([header, *rows])
@@ -291,13 +288,13 @@ def _print(sweep: SweepFolder, ranked: list[Run], groups: list[dict], metrics: l
             *(escape(r.overrides.get(k, "")) for k in keys),
             status,
             *(fmt(r.metrics.get(m)) for m in metrics),
-            fmt(r.summary.get("epochs_completed")),
-            fmt(r.summary.get("duration_s")),
+            fmt(r.summary.epochs_completed),
+            fmt(r.summary.duration_s),
         )
     console.print(table)
     for r in ranked:
-        if r.status != "completed" and r.summary.get("error"):
-            console.print(f"  job {fmt(r.job)} {r.status}: {r.summary['error']}", markup=False, highlight=False)
+        if r.status != "completed" and r.summary.error:
+            console.print(f"  job {fmt(r.job)} {r.status}: {r.summary.error}", markup=False, highlight=False)
     if not any(sweep.metric in r.metrics for r in ranked):
         known = ", ".join(metric_keys(ranked)) or "none"
         console.print(f"  sweep.metric={sweep.metric}: no job has this metric (they have: {known})", markup=False)
@@ -307,13 +304,7 @@ def _print(sweep: SweepFolder, ranked: list[Run], groups: list[dict], metrics: l
         for name in [*groups[0]["setting"], "seeds", *metrics]:
             seeds.add_column(name, justify="right" if name in metrics or name == "seeds" else "left")
         for g in groups:
-            cells = [_mean_std(*g[m]) for m in metrics]
+            cells = [fmt(*g[m]) for m in metrics]  # mean +- std
             seeds.add_row(*(escape(v) for v in g["setting"].values()), str(g["n"]), *cells)
         console.print(seeds)
     console.print(f"summary: {sweep.path / SUMMARY_CSV}", highlight=False)
-
-
-def _mean_std(mean: float | None, std: float | None) -> str:
-    if mean is None:
-        return ""
-    return f"{mean:.4g} +- {std:.3g}" if std is not None else f"{mean:.4g}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import os
 import platform
@@ -23,6 +22,7 @@ from rich.tree import Tree
 
 from dlfs_cli import __version__, runlock
 from dlfs_cli.errors import DlfsError, os_error_message
+from dlfs_cli.summary import Summary
 
 log = logging.getLogger("dlfs")
 
@@ -114,7 +114,7 @@ class RunFolder:
         self.path = path
         self.rank = rank
         self.checkpoints = path / CHECKPOINT_DIR
-        self.summary: dict[str, Any] = {}
+        self.summary = Summary()
         self.live = live
         self._tensorboard = tensorboard
         self._writer: Any = None  # torch.utils.tensorboard.SummaryWriter
@@ -136,7 +136,7 @@ class RunFolder:
         self._metrics_columns = ["epoch", "step", "split", "lr", *metric_columns, "elapsed_s"]
         if self.rank > 0:
             self._log_to(self.path / f"train.rank{self.rank}.log")
-            self.summary = {"status": "running", **summary}
+            self.summary = Summary().update(status="running", **summary)
             return
         with writing(self.path / CONFIG_FILE):
             self.checkpoints.mkdir(exist_ok=True)
@@ -146,14 +146,13 @@ class RunFolder:
             try:
                 with open(self.path / METRICS_FILE, newline="") as f:
                     rows = list(csv.reader(f))[1:]
-                self.summary = json.loads((self.path / SUMMARY_FILE).read_text())
+                self.summary = Summary.load(self.path / SUMMARY_FILE)
             except (OSError, ValueError) as ex:
                 raise DlfsError(f"cannot resume {self.path}: {type(ex).__name__}: {ex}") from None
             # the rows up to the checkpoint; a row cut short by a kill is dropped
             width = len(self._metrics_columns)
             rows = [r for r in rows if len(r) == width and r[1].isdigit() and int(r[1]) <= resume_step]
-            for stale in ("error", "figures_error"):
-                self.summary.pop(stale, None)
+            self.summary.drop("error", "figures_error")
         buffer = io.StringIO()
         csv.writer(buffer).writerows([self._metrics_columns, *rows])
         write_atomic(self.path / METRICS_FILE, buffer.getvalue())
@@ -178,7 +177,7 @@ class RunFolder:
         if self.rank > 0:
             return
         with writing(self.path / METRICS_FILE), open(self.path / METRICS_FILE, "a", newline="") as f:
-            csv.writer(f).writerow([_cell(row.get(c)) for c in self._metrics_columns])
+            csv.writer(f).writerow([csv_cell(row.get(c)) for c in self._metrics_columns])
         if self._writer is not None:
             for key, value in row.items():
                 if key not in ("epoch", "step", "split", "elapsed_s") and value is not None:
@@ -187,10 +186,11 @@ class RunFolder:
                     self._writer.add_scalar(f"{row['split']}/{key}", value, row["step"])
 
     def update_summary(self, **fields: Any) -> None:
-        self.summary.update(fields)
+        """Set fields of summary.json and write it (rank 0); a name Summary does not declare is a TypeError."""
+        self.summary.update(**fields)
         if self.rank > 0:
             return
-        write_atomic(self.path / SUMMARY_FILE, json.dumps(self.summary, indent=2) + "\n")
+        self.summary.save(self.path / SUMMARY_FILE)
 
     def update_summary_quietly(self, **fields: Any) -> None:
         """update_summary on the way out of a failed run: a second failure (the disk is still full) must not
@@ -203,7 +203,7 @@ class RunFolder:
     def note(self, message: str) -> None:
         """A line for train.log only (the console shows it elsewhere, e.g. as the command's error)."""
         if self._log_handler is not None:
-            self._log_handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, message, None, None))
+            self._log_handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, message, (), None))
 
     def close(self) -> None:
         if self._writer is not None:
@@ -218,7 +218,8 @@ class RunFolder:
             self._took_lock = False
 
 
-def _cell(value: Any) -> Any:
+def csv_cell(value: Any) -> Any:
+    """A value as a cell of the run's and the sweep's CSV files: floats to 6 significant digits, None empty."""
     if value is None:
         return ""
     return f"{value:.6g}" if isinstance(value, float) else value
@@ -291,7 +292,7 @@ class ProgressDisplay:
 
     def batch(self, done: int, loss: float | None = None) -> None:
         if self._progress is not None:
-            fields = {"loss": f"loss {loss:.4g}"} if loss is not None else {}
+            fields: dict[str, Any] = {"loss": f"loss {loss:.4g}"} if loss is not None else {}
             self._progress.update(self._batch_task, completed=done, **fields)
 
     def epoch(self, epoch: int, train_loss: float, test: Mapping[str, float] | None) -> None:

@@ -19,6 +19,21 @@ from dlfs_cli.config import conf_dir, register_configs
 
 register_configs()
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker's torch gets its share of the cores, as a joblib sweep's jobs do
+    (sweep.job_threads): torch's default of a thread per core in every worker oversubscribes them, and
+    its spinning threads then make a test many times slower, the more so when other work holds the cores.
+    OMP_NUM_THREADS carries the share to the `dlfs` processes the tests start."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 # A run small enough for a test: the whole Boston train split is 12 batches of 32.
 SMOKE = ["trainer.epochs=2", "trainer.limit_batches=3", "device=cpu"]
 # What every run folder holds (README, "The run folder"); a run started by the CLI also has .hydra/.
@@ -141,12 +156,12 @@ def mnist_root(tmp_path: Path) -> Path:
 
 
 # The acceptance run of exact resume (tests/test_resume.py, tests/test_slow_resume.py).
-DIGITS_CNN = ["model=mnist_cnn", "data=digits", "trainer.epochs=8", "trainer.seed=11", "figures.enabled=false"]
+DIGITS_CNN = ["model=mnist_cnn", "data=digits", "trainer.epochs=8", "seed=11", "figures.enabled=false"]
 
 
 @pytest.fixture(scope="session")
 def straight_digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The acceptance run, uninterrupted: dlfs train model=mnist_cnn data=digits trainer.epochs=8 trainer.seed=11."""
+    """The acceptance run, uninterrupted: dlfs train model=mnist_cnn data=digits trainer.epochs=8 seed=11."""
     run = tmp_path_factory.mktemp("straight") / "run"
     assert run_dlfs("train", *DIGITS_CNN, f"hydra.run.dir={run}", cwd=run.parent).returncode == 0
     return run

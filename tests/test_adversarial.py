@@ -19,15 +19,13 @@ from dlfs_cli import runlock
 from dlfs_cli.train import train
 from tests.conftest import SMOKE, Result, run_dlfs
 
-# make test (-n auto --dist loadgroup): the finished run is made once, on one worker
-pytestmark = pytest.mark.xdist_group("finished_run")
-
 LONG = "x" * 5000  # longer than any file name may be
 
 
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A completed Boston run, made once; each case gets its own copy."""
+    """A completed Boston run, made once per worker (under a second): each case gets its own copy. No
+    xdist_group: the ~100 cases are spread over the workers, not queued on one."""
     from hydra import compose, initialize_config_dir
 
     from dlfs_cli.config import conf_dir
@@ -122,6 +120,7 @@ CASES = [
     # --- numbers at their extremes
     ("seed-negative", ["train", "seed=-1"], 2, r"invalid value for seed: -1 \(a seed is between 0 and 4294967295\)"),
     ("seed-huge", ["train", "seed=4294967296"], 2, r"invalid value for seed: 4294967296"),
+    ("seed-old-key", ["train", "trainer.seed=3"], 2, r"unknown key 'trainer.seed' \(valid keys: .*epochs"),
     ("batch-beyond-64-bit", ["train", "trainer.batch_size=99999999999999999999"], 2, r"trainer.batch_size: .*64-bit"),
     ("batch-huge", ["train", "trainer.batch_size=3000000000"], 2, r"trainer.batch_size: 3000000000 \(must be <="),
     ("batch-zero", ["train", "trainer.batch_size=0"], 2, r"trainer.batch_size: 0 \(must be >= 1\)"),

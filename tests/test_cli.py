@@ -73,7 +73,8 @@ def test_device_cuda_without_cuda_is_refused(run_here, tmp_path: Path) -> None:
 
 
 def test_a_cli_run_writes_the_whole_run_folder(run_here, tmp_path: Path) -> None:
-    out = run_dlfs("train", "trainer.epochs=2", "hydra.run.dir=myrun", cwd=tmp_path)
+    # in this process, as Hydra runs it (test_python_m_and_info starts `python -m dlfs_cli` for real)
+    out = run_here("train", "trainer.epochs=2", "trainer.limit_batches=3", "hydra.run.dir=myrun", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     run = tmp_path / "myrun"
     assert {p.name for p in run.iterdir()} == RUN_FILES | {".hydra"}

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import MISSING, OmegaConf
 
-from dlfs_cli.config import SCHEMAS, Activation, DlfsError, Scaling, TrainConfig, conf_dir, validate
+from dlfs_cli.config import SCHEMAS, Activation, DlfsError, Scaling, TrainConfig, conf_dir, typed_config, validate
 
 CONF = conf_dir()
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
@@ -88,3 +89,36 @@ def test_device_spellings(make_cfg, device: str) -> None:
 def test_bad_values_are_refused_naming_the_key(make_cfg, overrides: list[str], key: str) -> None:
     with pytest.raises(DlfsError, match=key.replace(".", r"\.")):
         validate(make_cfg(*overrides))
+
+
+def test_a_config_saved_with_the_old_trainer_seed_still_loads(make_cfg) -> None:
+    """dlfs once had `trainer.seed` (= `${seed}` unless set apart), and it seeded the run: a saved
+    config with it loads, its value as the one `seed`."""
+    saved = OmegaConf.to_container(make_cfg("seed=5"), resolve=True, enum_to_str=True)
+    assert "seed" not in saved["trainer"]
+    for top, old, expected in ((5, 5, 5), (0, 7, 7), (None, 9, 9)):
+        config = {**saved, "trainer": {**saved["trainer"], "seed": old}}
+        if top is None:
+            del config["seed"]
+        else:
+            config["seed"] = top
+        cfg = typed_config(config)
+        assert cfg.seed == expected and "seed" not in cfg.trainer
+        validate(cfg)
+    assert typed_config(saved).seed == 5
+
+
+def test_every_default_is_stated_once_in_the_schemas() -> None:
+    """Group files pick their options (a `defaults:` list) and state no value: the dataclasses hold every
+    default. A `name` names an option that has no dataclass of its own (loss=mse, scheduler=none)."""
+    for group, option in OPTIONS:
+        if group == "experiment":  # presets pin the values of a published run on purpose
+            continue
+        data = yaml.safe_load((CONF / group / f"{option}.yaml").read_text())
+        schema = SCHEMAS[group].get(option) or next(iter(SCHEMAS[group].values()))
+        names = {f.name: f.default for f in dataclasses.fields(schema)}
+        identity = {"name"} if names.get("name") == MISSING else set()
+        assert set(data) - {"defaults"} <= identity, f"{group}/{option}.yaml restates {set(data) - {'defaults'}}"
+    for top in ("train", "eval", "generate", "reproduce"):  # run: ??? and the reproduction's data only
+        data = yaml.safe_load((CONF / f"{top}.yaml").read_text())
+        assert set(data) <= {"defaults", "hydra", "run", "targets", "quick_overrides"}, top

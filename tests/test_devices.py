@@ -26,11 +26,12 @@ from dlfs_cli import distributed, sweep
 from dlfs_cli import train as train_module
 from dlfs_cli import trainer as trainer_module
 from dlfs_cli.checkpoint import capture_rng, restore_rng
+from dlfs_cli.config import TrainerConfig
 from dlfs_cli.data import boston, build_data
 from dlfs_cli.data.text import BookBatches
-from dlfs_cli.distributed import World
+from dlfs_cli.distributed import SINGLE, World
 from dlfs_cli.layers import LSTMLayer
-from dlfs_cli.trainer import PENDING_STEPS, Diverged, Trainer, evaluate, sum_dtype
+from dlfs_cli.trainer import PENDING_STEPS, RunningLoss, Trainer, evaluate, sum_dtype
 from tests.conftest import SMOKE
 
 META = torch.device("meta")
@@ -75,7 +76,7 @@ class DeviceLog(TorchDispatchMode):
 def meta_trainer(world: World, loss_name: str = "mse") -> Trainer:
     model = nn.Linear(3, 1, device=META)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    return Trainer(model, optimizer, None, loss_name, META, run=None, checkpoint_extra={}, world=world)
+    return Trainer(model, optimizer, None, TrainerConfig(), loss_name, META, run=None, identity={}, world=world)
 
 
 # 1. the loss sums of several GPUs ---------------------------------------------------------------
@@ -84,12 +85,12 @@ def meta_trainer(world: World, loss_name: str = "mse") -> Trainer:
 def test_the_sums_over_ranks_go_to_the_collective_on_the_training_device() -> None:
     """Under torchrun on GPUs the loss sum lives on the GPU and the target count on the host: the collective
     must get one tensor on the GPU (torch.stack refused the mix at every run's first log point)."""
-    trainer = meta_trainer(TwoRanks(0, 2))
-    trainer.step = 1
-    trainer._account(torch.ones((), device=META), 4, 1, 0.1)
+    world = TwoRanks(0, 2)
+    running = RunningLoss(META)
+    running.add(torch.ones((), device=META), 4, 1)
     with DeviceLog() as log:
-        assert trainer._mean_over_ranks(trainer.sums["window"], trainer.sums["window_n"]) == 1.0
-        sums = trainer._sums_over_ranks()
+        assert running.take_window(world) == 1.0
+        sums = running.state_dict(world)
     assert sums == {"epoch": 1.0, "epoch_n": 1, "window": 1.0, "window_n": 1}  # the fake collective's ones
     assert not log.mixed
 
@@ -105,14 +106,14 @@ def test_the_sum_dtype_policy() -> None:
 def test_training_and_evaluation_make_no_float64_on_a_device_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """The meta device plays MPS: the trainer's sums, its per-step accounting, the gathering of the sums and
     evaluate's sums all follow sum_dtype, so no float64 tensor is ever made on the device."""
-    monkeypatch.setattr(trainer_module, "sum_dtype", lambda device: torch.float32)
+    for module in (trainer_module, distributed):
+        monkeypatch.setattr(module, "sum_dtype", lambda device: torch.float32)
     world = TwoRanks(0, 2)
     with DeviceLog() as log:
         trainer = meta_trainer(world)
-        trainer.step = 1
-        trainer._account(torch.ones((), device=META), 4, 1, 0.1)
-        trainer._mean_over_ranks(trainer.sums["window"], trainer.sums["window_n"])
-        trainer._sums_over_ranks()
+        trainer.running.add(torch.ones((), device=META), 4, 1)
+        trainer.running.take_window(world)
+        trainer.running.state_dict(world)
         batches = [(torch.randn(8, 3), torch.randn(8, 1))]
         metrics = evaluate(trainer.net, batches, "mse", META, world=world)
     assert not log.float64, f"float64 made on the device by {log.float64}"
@@ -207,39 +208,29 @@ def test_the_cublas_workspace_is_set_before_torch_is_imported() -> None:
 VIEWS = {"select", "slice", "alias", "view", "as_strided", "detach"}
 
 
-def test_accounting_a_step_on_an_accelerator_is_one_kernel() -> None:
-    trainer = meta_trainer(World())
+def test_accounting_a_step_is_one_kernel() -> None:
+    running = RunningLoss(META)
     loss = torch.ones((), device=META)
-    trainer._account(loss, 4, 1, 0.1)  # anything done once
+    running.add(loss, 4, 1)  # anything done once
     with DeviceLog() as log:
         for step in range(2, 12):
-            trainer.step = step
-            trainer._account(loss, 4, 1, 0.1)
+            running.add(loss, 4, step)
     kernels = [op for op in log.ops if op not in VIEWS]
     assert len(kernels) == 10, kernels  # about 8 a step before
 
 
-def test_the_device_buffer_keeps_the_sums_and_the_first_bad_step() -> None:
-    """The accelerator path's arithmetic, on a CPU: losses folded into the sums when the buffer fills and at
-    a read, and the first non-finite loss named by its step, whichever fold saw it."""
-    trainer = Trainer(
-        nn.Linear(1, 1), torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1), None, "mse",
-        torch.device("cpu"), run=None, checkpoint_extra={},
-    )  # fmt: skip
-    trainer._pending = torch.zeros(PENDING_STEPS)  # as on a GPU (a CPU checks every step itself)
-    zero = torch.zeros((), dtype=torch.float64)
-    trainer.sums = {"epoch": zero.clone(), "epoch_n": 0, "window": zero.clone(), "window_n": 0}
+def test_the_running_loss_keeps_the_sums_and_the_first_bad_step() -> None:
+    """Losses folded into the sums when the buffer fills and at a read, and the first non-finite loss
+    named by its step, whichever fold saw it: the one divergence mechanism of every device."""
+    running = RunningLoss(torch.device("cpu"))
     steps = PENDING_STEPS + 20
     for step in range(1, steps + 1):
-        trainer.step = step
-        trainer._account(torch.tensor(0.5), 2, 1, 0.1)
-    trainer._stop_if_diverged(1, 0.1)  # nothing bad yet
-    assert trainer.sums["epoch"].item() == steps * 1.0 and trainer.sums["epoch_n"] == 2 * steps
+        running.add(torch.tensor(0.5), 2, step)
+    assert running.diverged_at(SINGLE) is None  # nothing bad yet
+    assert running.epoch.item() == steps * 1.0 and running.epoch_n == 2 * steps
     for step, loss in [(steps + 1, 1.0), (steps + 2, math.nan), (steps + 3, math.inf)]:
-        trainer.step = step
-        trainer._account(torch.tensor(loss), 2, 1, 0.1)
-    with pytest.raises(Diverged, match=f"at step {steps + 2} "):
-        trainer._stop_if_diverged(1, 0.1)
+        running.add(torch.tensor(loss), 2, step)
+    assert running.diverged_at(SINGLE) == steps + 2
 
 
 # 11. a failed distributed run leaves no process group behind -------------------------------------------
@@ -328,7 +319,7 @@ def test_a_joblib_sweep_on_cuda_spreads_its_jobs_over_the_visible_gpus(
     def chosen(on: bool, device: torch.device) -> None:
         raise Chosen(device)
 
-    monkeypatch.setattr(train_module, "set_deterministic", chosen)
+    monkeypatch.setattr(distributed, "set_deterministic", chosen)
 
     def device_of(job: int, launcher: str, device: str = "cuda") -> torch.device:
         hydra.job.num = job

@@ -74,7 +74,7 @@ def test_train_eval_and_generate_on_cuda_through_the_cli(tmp_path: Path) -> None
 )
 def test_exact_resume_on_cuda(make_cfg, tmp_path: Path, monkeypatch, overrides: list[str], stop_at: int) -> None:
     """trainer.deterministic=true: interrupted and resumed reaches bit for bit the weights of the straight run."""
-    from dlfs_cli.resume import resume_config
+    from dlfs_cli.resume import prepare
 
     overrides = [*overrides, *CUDA, "trainer.deterministic=true", "trainer.limit_batches=10"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
@@ -83,8 +83,8 @@ def test_exact_resume_on_cuda(make_cfg, tmp_path: Path, monkeypatch, overrides: 
         interrupt_at_step(m, stop_at)
         with pytest.raises(Interrupted):
             train(make_cfg(*overrides), broken)
-    cfg = resume_config(make_cfg(f"resume={broken}"), [f"resume={broken}"], broken)
-    train(cfg, broken, resume=True)
+    cfg, state = prepare(make_cfg(f"resume={broken}"), [f"resume={broken}"], broken)
+    train(cfg, broken, state)
     assert summary(broken)["status"] == "completed"
     assert summary(straight)["metrics"] == summary(broken)["metrics"]
     a, b = weights(straight), weights(broken)
@@ -185,7 +185,7 @@ def test_divergence_on_cuda_names_the_step(make_cfg, tmp_path: Path) -> None:
     assert summary(tmp_path / "run")["status"] == "diverged"
 
 
-SYNC_POINTS = ("_record_train", "_save", "_evaluate_and_record", "_stop_if_diverged", "_mean_over_ranks")
+SYNC_POINTS = ("_record_train", "_save", "_evaluate", "_check_divergence", "_end_epoch")
 
 
 @pytest.mark.parametrize(
@@ -217,11 +217,11 @@ def test_training_steps_never_wait_for_the_gpu(make_cfg, tmp_path: Path, monkeyp
 
     for name in SYNC_POINTS:
         monkeypatch.setattr(Trainer, name, allowed(getattr(Trainer, name)))
-    account, fit = Trainer._account, Trainer.fit
+    after_step, fit = Trainer._after_step, Trainer.fit
 
-    def audited_account(self, *args):
-        account(self, *args)
-        torch.cuda.set_sync_debug_mode("error")
+    def audited_after_step(self, *args):
+        torch.cuda.set_sync_debug_mode("error")  # from the end of the first step on
+        after_step(self, *args)
 
     def audited_fit(self, *args, **kwargs):
         try:
@@ -229,7 +229,7 @@ def test_training_steps_never_wait_for_the_gpu(make_cfg, tmp_path: Path, monkeyp
         finally:
             torch.cuda.set_sync_debug_mode(0)
 
-    monkeypatch.setattr(Trainer, "_account", audited_account)
+    monkeypatch.setattr(Trainer, "_after_step", audited_after_step)
     monkeypatch.setattr(Trainer, "fit", audited_fit)
     monkeypatch.setattr(trainer_module, "PENDING_STEPS", 4)  # the buffer's folds happen inside the audit too
     cfg = make_cfg(*overrides, *CUDA, "trainer.limit_batches=12", "trainer.log_every=5", "trainer.checkpoint_every=7")

@@ -10,11 +10,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dlfs_cli.config import DlfsError
-from dlfs_cli.data import build_data
+from dlfs_cli.config import AutoencoderConfig, DlfsError, MNISTConvNetConfig
+from dlfs_cli.data import DataInfo, build_data
 from dlfs_cli.data.mnist import check_idx_files
 from dlfs_cli.evaluate import evaluate_run
-from dlfs_cli.models import Autoencoder, MNIST_ConvNet
+from dlfs_cli.models import Autoencoder, MNIST_ConvNet, build_model
 from dlfs_cli.train import train
 from tests.conftest import run_dlfs
 
@@ -37,11 +37,14 @@ def mnist_cfg(root: Path, **kw):
 
 
 def test_models_are_the_books() -> None:
-    cnn = MNIST_ConvNet()
+    """The schema's defaults build the book's networks (28x28 images, 10 classes)."""
+    info = DataInfo(name="mnist", source="x", n_train=1, n_test=1, num_classes=10, image_shape=(1, 28, 28))
+    cnn = build_model(OmegaConf.structured(MNISTConvNetConfig), info)
     assert cnn(torch.randn(3, 1, 28, 28)).shape == (3, 10)
     assert cnn.dense1.linear.in_features == 6272  # 8 channels x 28 x 28: no pooling
     assert cnn.conv1.dropout.p == pytest.approx(0.2)  # keep 0.8
-    ae = Autoencoder()
+    ae = build_model(OmegaConf.structured(AutoencoderConfig), info)
+    assert isinstance(cnn, MNIST_ConvNet) and isinstance(ae, Autoencoder)
     recon, code = ae(torch.randn(3, 1, 28, 28))
     assert recon.shape == (3, 1, 28, 28) and code.shape == (3, 28)
     assert ae.encoder.dense1.linear.in_features == 5488 and recon.abs().max() <= 1  # tanh output

@@ -51,12 +51,12 @@ def test_lstm_layer_shapes_and_carried_state() -> None:
     # carrying the final state into the next call changes the output: the state is really used
     out2, _ = layer(x, (h, c))
     assert not torch.allclose(out, out2)
-    zeros = layer.initial_state(3)
-    assert torch.allclose(layer(x, zeros)[0], out)  # no state = zero state
+    zeros = torch.zeros(1, 3, 16)
+    assert torch.allclose(layer(x, (zeros, zeros))[0], out)  # no state = zero state
 
 
 def test_house_prices_model() -> None:
-    model = HousePricesModel(13, 13, "tanh", dropout_keep=0.8)
+    model = HousePricesModel(in_features=13, hidden_size=13, activation="tanh", dropout_keep=0.8)
     assert model(torch.randn(32, 13)).shape == (32, 1)
     assert sum(p.numel() for p in model.parameters()) == 13 * 13 + 13 + 13 + 1
 

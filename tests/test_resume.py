@@ -20,10 +20,11 @@ import torch
 from dlfs_cli import checkpoint as checkpoint_module
 from dlfs_cli import lifecycle
 from dlfs_cli.config import DlfsError
+from dlfs_cli.evaluate import evaluate_run
 from dlfs_cli.lifecycle import Aborted, stop_signals
-from dlfs_cli.resume import resume_config
+from dlfs_cli.resume import last_state, prepare, resume_config
 from dlfs_cli.train import train
-from dlfs_cli.trainer import Interrupted, Trainer
+from dlfs_cli.trainer import Interrupted, RunningLoss, Trainer
 from tests.conftest import DIGITS_CNN, run_dlfs, wait_for
 
 
@@ -44,19 +45,19 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 def interrupt_at_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
     """Make the trainer behave as if SIGINT arrived during training step `step`."""
-    original = Trainer._account
+    original = Trainer._after_step
 
-    def account(self, loss, *args):
-        original(self, loss, *args)
+    def after_step(self, *args):
         if self.step == step:
             self.stop_signal = signal.SIGINT
+        original(self, *args)
 
-    monkeypatch.setattr(Trainer, "_account", account)
+    monkeypatch.setattr(Trainer, "_after_step", after_step)
 
 
 def resume(make_cfg, run: Path) -> dict[str, float]:
-    cfg = resume_config(make_cfg(f"resume={run}"), [f"resume={run}"], run)
-    return train(cfg, run, resume=True)
+    cfg, state = prepare(make_cfg(f"resume={run}"), [f"resume={run}"], run)
+    return train(cfg, run, state)
 
 
 @pytest.mark.parametrize(
@@ -125,8 +126,32 @@ def test_resume_policy(make_cfg, tmp_path: Path) -> None:
         resume_config(make_cfg("trainer.epochs=1"), ["trainer.epochs=1"], run)
     with pytest.raises(DlfsError, match="no such folder"):
         resume_config(make_cfg(), [], tmp_path / "nowhere")
-    metrics = train(raised, run, resume=True)
+    metrics = train(raised, run, last_state(run, raised))
     assert summary(run)["epochs_completed"] == 3 and summary(run)["metrics"] == metrics
+
+
+def test_a_run_saved_with_the_old_trainer_seed_evaluates_and_resumes(make_cfg, tmp_path: Path) -> None:
+    """Runs saved before dlfs had one seed key carry `trainer.seed` in config.yaml and in their
+    checkpoints: eval and resume still read them, the old key giving the run's seed."""
+    overrides = ["seed=4", "device=cpu", "figures.enabled=false"]
+    straight = tmp_path / "straight"
+    train(make_cfg(*overrides, "trainer.epochs=2"), straight)
+    run = tmp_path / "old"
+    train(make_cfg(*overrides, "trainer.epochs=1"), run)
+    config_file = run / "config.yaml"
+    config_file.write_text(config_file.read_text().replace("trainer:\n", "trainer:\n  seed: 4\n", 1))
+    for name in ("last", "best"):  # the checkpoints: the old key only, no top-level seed
+        path = run / "checkpoints" / f"{name}.pt"
+        state = torch.load(path, weights_only=True)
+        state["config"]["trainer"]["seed"] = state["config"].pop("seed")
+        torch.save(state, path)
+    result = evaluate_run(run, "last")
+    assert result["recomputed"] == result["recorded"]
+    more = ["trainer.epochs=2"]
+    cfg, state = prepare(make_cfg(f"resume={run}", *more), [f"resume={run}", *more], run)
+    assert cfg.seed == 4 and "seed" not in cfg.trainer
+    train(cfg, run, state)
+    assert_same_run(straight, run)
 
 
 def test_a_summary_behind_its_checkpoint_resumes_from_the_checkpoint(make_cfg, tmp_path: Path) -> None:
@@ -140,7 +165,7 @@ def test_a_summary_behind_its_checkpoint_resumes_from_the_checkpoint(make_cfg, t
     assert summary(run)["status"] == "completed" and summary(run)["epochs_completed"] == 2
     with pytest.raises(DlfsError, match="below the 2 epochs already trained"):
         (run / "summary.json").write_text(json.dumps(behind))
-        train(make_cfg(*overrides[1:], "trainer.epochs=1"), run, resume=True)
+        last_state(run, make_cfg(*overrides[1:], "trainer.epochs=1"))
 
 
 @pytest.mark.slow
@@ -221,12 +246,12 @@ def test_divergence_from_the_cli(run_here, tmp_path: Path) -> None:
 
 def test_divergence_keeps_the_last_good_checkpoint(make_cfg, tmp_path: Path, monkeypatch) -> None:
     run = tmp_path / "run"
-    original = Trainer._account
+    original = RunningLoss.add
 
-    def poison(self, loss, *args):  # from step 30 on the loss is NaN, as if the weights had blown up
-        original(self, loss * float("nan") if self.step >= 30 else loss, *args)
+    def poison(self, loss, elements, step):  # from step 30 on the loss is NaN, as if the weights had blown up
+        original(self, loss * float("nan") if step >= 30 else loss, elements, step)
 
-    monkeypatch.setattr(Trainer, "_account", poison)
+    monkeypatch.setattr(RunningLoss, "add", poison)
     with pytest.raises(DlfsError, match="at step 30 .epoch 3."):
         train(make_cfg("trainer.epochs=5", "device=cpu", "figures.enabled=false"), run)
     assert summary(run)["status"] == "diverged"

@@ -94,14 +94,14 @@ def test_a_signal_during_set_up(dlfs, process_handlers, tmp_path: Path, monkeypa
 
 
 def test_a_signal_during_training(dlfs, process_handlers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    original = Trainer._account
+    original = Trainer._after_step
 
-    def account(self, *args):
-        original(self, *args)
+    def after_step(self, *args):
         if self.step == 4:
             signal.raise_signal(signal.SIGINT)
+        original(self, *args)
 
-    monkeypatch.setattr(Trainer, "_account", account)
+    monkeypatch.setattr(Trainer, "_after_step", after_step)
     run = tmp_path / "run"
     run_interrupted_then_resumed(dlfs, process_handlers, run, QUICK, 130, "in epoch 2 after batch 1 (step 4)")
     monkeypatch.undo()

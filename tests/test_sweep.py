@@ -23,8 +23,9 @@ from dlfs_cli.train import train
 
 BOSTON = ["trainer.epochs=2", "device=cpu", "figures.enabled=false"]
 
-# make test (-n auto --dist loadgroup): the sweep fixture runs once, on one worker
-pytestmark = pytest.mark.xdist_group("seed_sweep")
+# make test (-n auto --dist loadgroup): the tests that read the sweep fixture run on one worker, which makes
+# it once; the others go wherever a worker is free
+on_the_sweeps_worker = pytest.mark.xdist_group("seed_sweep")
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -50,6 +51,7 @@ def seed_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subproce
     return cwd / "sweep", subprocess.CompletedProcess([], code, out.getvalue(), err.getvalue())
 
 
+@on_the_sweeps_worker
 def test_a_sweep_ends_with_summary_csv_ranked_by_the_metric(seed_sweep) -> None:
     sweep, out = seed_sweep
     assert out.returncode == 0, out.stderr
@@ -69,6 +71,7 @@ def test_a_sweep_ends_with_summary_csv_ranked_by_the_metric(seed_sweep) -> None:
     assert "best first by test_loss (lowest)" in out.stdout
 
 
+@on_the_sweeps_worker
 def test_seeds_of_one_setting_are_aggregated(seed_sweep) -> None:
     sweep, out = seed_sweep
     rows = read_csv(sweep / "summary.csv")
@@ -80,6 +83,7 @@ def test_seeds_of_one_setting_are_aggregated(seed_sweep) -> None:
     assert "mean +- std" in out.stdout and " +- " in out.stdout
 
 
+@on_the_sweeps_worker
 def test_dlfs_runs_lists_the_jobs_with_their_overrides_and_metrics(seed_sweep, capsys) -> None:
     sweep, _ = seed_sweep
     list_runs([str(sweep), "--sort", "test_mse"])
@@ -102,6 +106,7 @@ def test_dlfs_runs_refuses_what_it_cannot_do(run_here, tmp_path: Path) -> None:
     assert out.returncode == 2 and "nowhere: no such folder" in out.stderr and "Traceback" not in out.stderr
 
 
+@on_the_sweeps_worker
 def test_a_finished_sweep_folder_is_not_overwritten(run_here, seed_sweep) -> None:
     sweep, _ = seed_sweep
     out = run_here("train", "-m", "optimizer.lr=0.5", f"hydra.sweep.dir={sweep}", cwd=sweep.parent)

@@ -91,6 +91,7 @@ class SpyModel(NextCharacterModel):
 
 @pytest.mark.parametrize("batching", ["streams", "book"])
 def test_state_is_carried_within_an_epoch_and_reset_between(make_cfg, tmp_path: Path, batching: str) -> None:
+    from dlfs_cli.config import TrainerConfig
     from dlfs_cli.tracking import ProgressDisplay, RunFolder
     from dlfs_cli.trainer import Trainer
 
@@ -104,13 +105,14 @@ def test_state_is_carried_within_an_epoch_and_reset_between(make_cfg, tmp_path: 
         "trainer.batch_size=4",
     )
     data = build_data(cfg.data, 4, 0)
-    model = SpyModel(len(data.info.vocab), 8)
+    model = SpyModel(vocab_size=len(data.info.vocab), hidden_size=8)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     run = RunFolder(tmp_path / "run")
     run.start(cfg, {}, ["loss", "bpc", "accuracy"])
-    trainer = Trainer(model, optimizer, None, "cross_entropy", torch.device("cpu"), run, {}, limit_batches=3)
+    cpu = torch.device("cpu")
+    trainer = Trainer(model, optimizer, None, TrainerConfig(limit_batches=3), "cross_entropy", cpu, run, {})
     for _ in range(2):  # two epochs
-        trainer._train_epoch(data.train, None, ProgressDisplay(2, 3), 1, 0.1)
+        trainer._train_epoch(data.train, None, ProgressDisplay(2, 3), 1)
         trainer.batch = 0  # as fit() does at the end of an epoch
     first, second = model.calls[:3], model.calls[3:6]
     for epoch in (first, second):
@@ -151,7 +153,7 @@ def test_bundled_corpora_and_the_books_split(make_cfg) -> None:
 
 def test_generation_is_deterministic_for_a_seed() -> None:
     torch.manual_seed(0)
-    model = NextCharacterModel(len(ALPHABET), 16)
+    model = NextCharacterModel(vocab_size=len(ALPHABET), hidden_size=16)
     a = sample(model, ALPHABET, "abc", 40, 1.0, seed=3, device=torch.device("cpu"))
     assert a == sample(model, ALPHABET, "abc", 40, 1.0, seed=3, device=torch.device("cpu"))
     assert a != sample(model, ALPHABET, "abc", 40, 1.0, seed=4, device=torch.device("cpu"))

@@ -6,17 +6,14 @@ New datasets join DATASETS here; their modules are imported only when used.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from omegaconf import DictConfig
 
-from dlfs_cli.config import DlfsError
-
-if TYPE_CHECKING:
-    from torch.utils.data import DataLoader
+from dlfs_cli.errors import DlfsError
 
 
 @dataclass(frozen=True)
@@ -33,10 +30,19 @@ class DataInfo:
     vocab: str | None = None  # text: the sorted characters; index i is character vocab[i]
 
 
+class Batches(Protocol):
+    """A split's loader: yields (inputs, targets) batches and has a len(), the batches in an epoch (a
+    DataLoader, or one of the loaders of data held on the device: DeviceRows, TensorBatches, ...)."""
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def __len__(self) -> int: ...
+
+
 @dataclass
 class DataBundle:
-    train: DataLoader[Any] | Iterable[Any]  # yields (inputs, targets) batches and has a len()
-    test: DataLoader[Any] | Iterable[Any]  # in a fixed order
+    train: Batches
+    test: Batches  # in a fixed order
     info: DataInfo
     test_labels: torch.Tensor | None = None  # class labels of the test split in loader order (for figures)
 

@@ -18,8 +18,9 @@ from omegaconf import DictConfig
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from dlfs_cli.config import DlfsError, Scaling
+from dlfs_cli.config import Scaling
 from dlfs_cli.data import DataBundle, DataInfo, to_device_async
+from dlfs_cli.errors import DlfsError
 
 BUNDLED_CSV = Path(__file__).with_name("boston_house_prices.csv")
 NUM_COLUMNS = 14  # 13 features, then MEDV
@@ -82,8 +83,10 @@ def build(cfg: DictConfig, batch_size: int, seed: int, device: torch.device, rec
         train = DataLoader(train_set, batch_size, shuffle=True, generator=generator, num_workers=cfg.num_workers)
         test: DataLoader | DeviceRows = DataLoader(test_set, batch_size=eval_batch)
     else:  # a few kB: held on the device once, not copied from pageable memory batch by batch
-        train = DeviceRows(*(t.to(device) for t in train_set.tensors), batch_size, generator)
-        test = DeviceRows(*(t.to(device) for t in test_set.tensors), eval_batch)
+        features, target = (t.to(device) for t in train_set.tensors)
+        train = DeviceRows(features, target, batch_size, generator)
+        features, target = (t.to(device) for t in test_set.tensors)
+        test = DeviceRows(features, target, eval_batch)
     info = DataInfo(
         name="boston", source=str(path), n_train=len(train_set), n_test=len(test_set), num_features=X.shape[1]
     )

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dlfs_cli.config import DlfsError
 from dlfs_cli.data import to_device_async
+from dlfs_cli.errors import DlfsError
 
 MNIST_MEAN, MNIST_STD = 0.1305, 0.3081  # the book's Normalize((0.1305,), (0.3081,))
 

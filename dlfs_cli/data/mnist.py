@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
-from dlfs_cli.config import DlfsError
 from dlfs_cli.data import DataBundle, DataInfo
 from dlfs_cli.data.images import MNIST_MEAN, MNIST_STD, PixelScale, TensorBatches, choose_scaling, place
+from dlfs_cli.errors import DlfsError
+
+if TYPE_CHECKING:
+    from torchvision.datasets import MNIST
 
 ENV_ROOT = "DLFS_DATA_ROOT"
 SPLITS = {"train": 60_000, "t10k": 10_000}  # the real files' counts; small test files may hold fewer
@@ -143,7 +147,7 @@ def build(cfg: DictConfig, batch_size: int, seed: int, device: torch.device, rec
 class _BookDataset(Dataset):
     """The book's per-sample path: PIL image -> ToTensor -> Normalize (or the [-1, 1] scaling)."""
 
-    def __init__(self, mnist: Dataset, scale: PixelScale, reconstruct: bool) -> None:
+    def __init__(self, mnist: MNIST, scale: PixelScale, reconstruct: bool) -> None:
         from torchvision import transforms
 
         self.mnist = mnist

@@ -19,8 +19,9 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from dlfs_cli.config import Batching, DlfsError
-from dlfs_cli.data import DataBundle, DataInfo
+from dlfs_cli.config import Batching
+from dlfs_cli.data import Batches, DataBundle, DataInfo
+from dlfs_cli.errors import DlfsError
 
 CORPORA = Path(__file__).with_name("corpora")
 CORPUS_FILES = {"book": "dlfs_book_input.txt.gz", "tinyshakespeare": "tinyshakespeare.txt.gz"}
@@ -132,6 +133,7 @@ def build(cfg: DictConfig, batch_size: int, seed: int, device: torch.device, rec
     ids = encode(text, vocab).to(device)
     train, test = ids[:n_train], ids[n_train:]
     eval_rows = max(batch_size, 256)  # evaluation in big batches
+    loaders: tuple[Batches, Batches]
     if cfg.batching == Batching.book:
         if len(train) < batch_size + L + 2:
             raise DlfsError(f"{path}: the training part is too short for one batch of {batch_size} book windows")
@@ -139,4 +141,5 @@ def build(cfg: DictConfig, batch_size: int, seed: int, device: torch.device, rec
     else:
         loaders = StreamBatches(train, batch_size, L), StreamBatches(test, eval_rows, L)
     info = DataInfo(name="text", source=str(path), n_train=len(train), n_test=len(test), vocab=vocab)
-    return DataBundle(*loaders, info)
+    train_batches, test_batches = loaders
+    return DataBundle(train_batches, test_batches, info)

@@ -25,11 +25,12 @@ sys.path.insert(0, str(ROOT))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from dlfs_cli.config import conf_dir, register_configs  # noqa: E402
+from dlfs_cli.config import TrainerConfig, conf_dir, register_configs  # noqa: E402
 from dlfs_cli.data import build_data  # noqa: E402
+from dlfs_cli.distributed import seed_everything  # noqa: E402
 from dlfs_cli.models import build_model  # noqa: E402
 from dlfs_cli.tracking import RunFolder  # noqa: E402
-from dlfs_cli.train import build_optimizer, seed_everything  # noqa: E402
+from dlfs_cli.train import build_optimizer  # noqa: E402
 from dlfs_cli.trainer import Trainer, evaluate, make_loss, metric_names  # noqa: E402
 
 register_configs()
@@ -68,9 +69,10 @@ def runner(overrides: list[str], epochs: int, work: Path) -> dict[str, float]:
     cfg, data, model, optimizer = setup(overrides)
     run = RunFolder(work / f"run-{time.time_ns()}", live=False)
     run.start(cfg, {}, metric_names(cfg.loss.name))
-    trainer = Trainer(model, optimizer, None, cfg.loss.name, torch.device("cpu"), run, {}, log_every=100)
+    schedule = TrainerConfig(epochs=epochs, eval_every=epochs, log_every=100)
+    trainer = Trainer(model, optimizer, None, schedule, cfg.loss.name, torch.device("cpu"), run, {})
     t0 = time.perf_counter()
-    trainer.fit(data.train, data.test, epochs, eval_every=epochs)
+    trainer.fit(data.train, data.test)
     total = time.perf_counter() - t0
     t1 = time.perf_counter()
     evaluate(model, data.test, cfg.loss.name, torch.device("cpu"))  # the fit's one evaluation, timed alone
