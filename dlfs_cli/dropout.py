@@ -1,21 +1,24 @@
 """nn.Dropout with cheaper masks on the CPU: the same distribution for about a quarter of bernoulli_'s time.
 
-On the CPU, bernoulli_ (nn.Dropout's mask) takes about 10 ns an element, a third or more of a book MNIST
-step. Here a unit is kept when a uniform 32-bit number u is below T = round(keep * 2**32), which keeps it
-with probability T / 2**32: keep to within 2**-33. The comparison is decided by u's top byte alone unless
-that byte equals T's (1 unit in 256): so each unit takes one random byte, and only the tied units draw
-the other 24 bits. The bytes come from torch's default CPU generator (random_ over the full int64 range,
-8 bytes a draw), the one seed_everything seeds (seed + rank under torchrun) and checkpoints capture: the
-masks are the same for a seed, differ by rank, and resume bit for bit. Small tensors take a whole 32-bit
-word a unit (fewer operations). CUDA, MPS and torch.compile keep nn.Dropout's own path.
+On the CPU, bernoulli_ (nn.Dropout's mask) takes about 10 ns a unit, a third or more of a book MNIST step.
+Here a unit is kept when a uniform 32-bit number u is below T = round(keep * 2**32), which keeps it with
+probability T / 2**32: keep to within 2**-33. The comparison is decided by u's top byte alone unless that
+byte equals T's (1 unit in 256): so each unit takes one random byte, and only the tied units draw the
+other 24 bits. The bytes come from torch's default CPU generator (random_ over the full int64 range, 8
+bytes a draw), the one seed_everything seeds (seed + rank under torchrun) and checkpoints capture: the
+masks are the same for a seed, differ by rank, and resume bit for bit. The comparisons run in numpy, on
+one thread: torch would split each pass over its threads, and when other work holds the cores every such
+pass waits for a second thread (a mask then took 48 ms instead of 1.5 ms). CUDA, MPS and torch.compile
+keep nn.Dropout's own path.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-BYTES_FROM = 1 << 15  # units; below this a mask takes a 32-bit word a unit: fewer, cheaper operations
+NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)  # not bfloat16: its masks are made in float32
 
 
 def keep_threshold(keep: float) -> int:
@@ -23,33 +26,25 @@ def keep_threshold(keep: float) -> int:
     return min(round(keep * 2**32), 2**32 - 1)  # keep * 2**32 is exact in a float
 
 
-def random_bytes(n: int) -> Tensor:
-    """At least n uniform random bytes (uint8, flat) from torch's default CPU generator."""
-    return torch.empty((n + 7) // 8, dtype=torch.int64).random_(-(2**63), None).view(torch.uint8)
+def random_bytes(n: int) -> np.ndarray:
+    """n uniform random bytes from torch's default CPU generator (whole 8-byte draws: up to 7 more are spent)."""
+    return torch.empty((n + 7) // 8, dtype=torch.int64).random_(-(2**63), None).numpy().view(np.uint8)[:n]
 
 
 def keep_mask(like: Tensor, keep: float) -> Tensor:
     """1/keep where a unit is kept, 0 where dropped: `like`'s shape, dtype and layout (channels_last stays)."""
-    mask = torch.empty_like(like)  # dense: a flat buffer of numel values covers its strides exactly
+    mask = torch.empty_like(like)  # dense: its storage holds exactly its numel values
+    made = mask if mask.dtype in NUMPY_FLOATS else torch.empty_like(mask, dtype=torch.float32)
     n, threshold = mask.numel(), keep_threshold(keep)
-    # the value at i of a flat buffer decides the unit at storage offset i; comparisons write 1.0 / 0.0
-    # straight into the mask (a bool tensor in between would be slower: its kernels are not vectorized)
-    if n < BYTES_FROM:
-        words = random_bytes(4 * n).view(torch.int32)[:n]  # as int32: u - 2**31
-        torch.lt(words.as_strided(mask.shape, mask.stride()), threshold - 2**31, out=mask)
-    else:
-        top, rest = threshold >> 24, threshold & 0xFFFFFF
-        first = random_bytes(n)  # u's top byte, a unit
-        torch.lt(first[:n].as_strided(mask.shape, mask.stride()), top, out=mask)  # decided unless tied
-        # the tied units: the 8-byte words that hold a tie (about 3% of them), then the ties in those
-        tied = torch.eq(first, top, out=torch.empty_like(first)).view(torch.int64)
-        word = tied.nonzero().squeeze(1)
-        word_byte = tied[word].view(torch.uint8).view(-1, 8).nonzero()
-        at = word[word_byte[:, 0]] * 8 + word_byte[:, 1]
-        at = at[at < n]  # not the padding after the last unit
-        low = torch.empty(at.numel(), dtype=torch.int64).random_(0, 2**24)  # u's other 24 bits
-        mask.as_strided((n,), (1,))[at] = (low < rest).to(mask.dtype)
-    return mask.div_(keep)  # as nn.Dropout scales: kept units by 1 / keep
+    top, rest = threshold >> 24, threshold & 0xFFFFFF
+    first = random_bytes(n)  # u's top byte; byte i decides the unit at storage offset i
+    flat = made.as_strided((n,), (1,)).numpy()  # the storage, in order
+    np.less(first, top, out=flat)  # 1.0 / 0.0, decided unless tied
+    tied = np.flatnonzero(first == top)
+    low = torch.empty(tied.size, dtype=torch.int64).random_(0, 2**24).numpy()  # the tied units' other 24 bits
+    flat[tied] = low < rest
+    flat /= keep  # as nn.Dropout scales: kept units by 1 / keep
+    return mask if made is mask else mask.copy_(made)
 
 
 class Dropout(nn.Dropout):

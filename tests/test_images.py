@@ -16,7 +16,6 @@ from dlfs_cli.data.mnist import check_idx_files
 from dlfs_cli.evaluate import evaluate_run
 from dlfs_cli.models import Autoencoder, MNIST_ConvNet, build_model
 from dlfs_cli.train import train
-from tests.conftest import run_dlfs
 
 RAW = ("MNIST", "raw")
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -167,7 +166,7 @@ def test_each_image_model_trains_on_digits(make_cfg, tmp_path: Path, model: str)
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
 
 
-def test_eval_recomputes_the_recorded_metrics_exactly(make_cfg, tmp_path: Path) -> None:
+def test_eval_recomputes_the_recorded_metrics_exactly(make_cfg, run_here, tmp_path: Path) -> None:
     run = tmp_path / "run"
     cfg = make_cfg(
         "model=mnist_cnn",
@@ -178,12 +177,12 @@ def test_eval_recomputes_the_recorded_metrics_exactly(make_cfg, tmp_path: Path) 
         "device=cpu",
     )
     metrics = train(cfg, run)
-    for checkpoint in ("last", "best"):
-        result = evaluate_run(run, checkpoint)
-        assert result["recomputed"] == result["recorded"]
-    assert evaluate_run(run, "last")["recomputed"] == metrics
+    last, best = evaluate_run(run, "last"), evaluate_run(run, "best")
+    assert last["recomputed"] == last["recorded"] == metrics and best["recomputed"] == best["recorded"]
 
-    out = run_dlfs("eval", f"run={run}", cwd=tmp_path)  # and in a fresh process, through the CLI
+    # and through the CLI (in this process: test_train's test_checkpoint_reproduces_the_final_metrics_in_a_fresh_process
+    # rebuilds a run from its checkpoint in a fresh one)
+    out = run_here("eval", f"run={run}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert "yes" in out.stdout and "NO" not in out.stdout
 
