@@ -45,7 +45,10 @@ class Checkpoint:
     batch_in_epoch: int = 0  # batches done in the epoch under way (0 between epochs)
     step: int = 0
     metrics: dict[str, float] = field(default_factory=dict)  # the latest held-out metrics
-    best_loss: float = float("inf")  # the lowest held-out loss so far (best.pt's)
+    best_loss: float = float("inf")  # the lowest validation loss so far (best.pt's; older runs: test loss)
+    best_epoch: int | None = None  # the epoch best.pt was saved at
+    evals_since_best: int = 0  # evaluations since the validation loss last improved (early stopping)
+    stopped_early: dict[str, Any] | None = None  # where and why early stopping ended the run
     optimizer: dict[str, Any] | None = None
     scheduler: dict[str, Any] | None = None
     rng: dict[str, Any] | None = None  # capture_rng(): torch, CUDA, MPS, numpy, Python
@@ -102,6 +105,11 @@ def load_run_checkpoint(run_dir: Path, checkpoint: str, map_location: str | torc
     path = run_dir / CHECKPOINT_DIR / f"{checkpoint}.pt"
     if not path.is_file():
         found = sorted(p.name for p in (run_dir / CHECKPOINT_DIR).glob("*.pt"))
+        if checkpoint == "best" and "last.pt" in found:
+            raise DlfsError(
+                f"run={run_dir}: no {CHECKPOINT_DIR}/best.pt: it is the epoch of the lowest validation loss, and a "
+                "run without a validation split (data.val_fraction=0) has none; use checkpoint=last"
+            )
         raise DlfsError(
             f"run={run_dir}: no {CHECKPOINT_DIR}/{checkpoint}.pt"
             + (f" (it has {', '.join(found)})" if found else " (is it a dlfs run folder that finished an epoch?)")

@@ -82,7 +82,7 @@ def _train_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> float | None:
         if multirun:
             return sweep.job_failed(run_dir, cfg, ex)
         raise
-    return metrics.get("test_loss")  # what Hydra's sweepers minimise
+    return metrics.get(cfg.sweep.metric)  # what Hydra's sweepers optimise: the validation metric by default
 
 
 def _resume(composed: DictConfig, run_dir: Path) -> float | None:
@@ -96,7 +96,7 @@ def _resume(composed: DictConfig, run_dir: Path) -> float | None:
     from dlfs_cli.train import train
 
     cfg, state = resumed
-    return train(cfg, run_dir, state).get("test_loss")
+    return train(cfg, run_dir, state).get(cfg.sweep.metric)
 
 
 def _under_torchrun() -> bool:

@@ -50,7 +50,7 @@ def loss_curves(metrics_csv: Path, path: Path, title: str) -> Path:
     with open(metrics_csv, newline="") as f:
         rows = list(csv.DictReader(f))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for split, style in (("train", "-"), ("test", "o-")):
+    for split, style in (("train", "-"), ("val", "o-"), ("test", "s-")):
         points = [(int(r["step"]), float(r["loss"])) for r in rows if r["split"] == split and r["loss"]]
         if points:
             steps, losses = zip(*points, strict=True)

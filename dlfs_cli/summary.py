@@ -36,12 +36,16 @@ class Summary:
     world_size: int | None = None  # processes that trained it (torchrun's ranks; 1 alone)
     threads: int | None = None  # torch's CPU threads (rank 0's)
     versions: dict[str, str | None] | None = None  # python, torch, dlfs, git (None outside a checkout)
-    metrics: dict[str, float] | None = None  # the latest held-out metrics (test_loss, test_accuracy, ...)
+    # the final metrics: val_* of the latest validation, test_* of the test split after the last epoch
+    # (val_loss, val_accuracy, test_loss, test_accuracy, ...); a run with data.val_fraction=0 has test_* only
+    metrics: dict[str, float] | None = None
     epochs_completed: int | None = None  # as far as last.pt goes
     started_at: str | None = None  # local time, %Y-%m-%dT%H:%M:%S%z, when the run first started
     duration_s: float | None = None  # seconds spent by every process that trained it, resumes included
     parameters: int | None = None  # the model's parameter count
     step: int | None = None  # optimizer steps, as far as last.pt goes
+    best: dict[str, Any] | None = None  # best.pt: epoch, step and val_loss of the lowest validation loss
+    stopped_early: dict[str, Any] | None = None  # early stopping ended the run: epoch, best_epoch, reason
     figures: list[str] | None = None  # the figures drawn, relative to the run folder
     figures_error: str | None = None  # why the figures could not be drawn (the run stays completed)
     error: str | None = None  # why the run did not complete, on one line
@@ -107,6 +111,8 @@ _TYPES = {name: typing.get_type_hints(Summary)[name] for name in FIELDS}
 def _fits(value: Any, annotation: Any) -> bool:
     """isinstance for the annotations above (a JSON number may be written without a fraction; a bool is no number)."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return True
     if origin in (typing.Union, types.UnionType):
         return any(_fits(value, arm) for arm in args)
     if annotation is type(None):

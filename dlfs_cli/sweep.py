@@ -48,7 +48,7 @@ class SweepFolder(Callback):
 
     def __init__(self) -> None:
         self.path: Path | None = None
-        self.metric = "test_loss"
+        self.metric = "val_loss"
         self.direction = "auto"
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:

@@ -61,7 +61,7 @@ def train(
             lifecycle.check("while the run was being set up (nothing trained yet)", hint)
             if state is not None:
                 trainer.load_state_dict(state)  # last before training: it also restores every generator
-            metrics = trainer.fit(data.train, data.test)
+            metrics = trainer.fit(data.train, data.val, data.test)
             run.update_summary(metrics=metrics)
             # Only a run that did everything is completed: a stop asked for during the final evaluation
             # or the extras leaves it interrupted, and a resume does what is left (the extras are redone).
@@ -162,7 +162,7 @@ def _open_run(
         for handler in logging.getLogger().handlers:  # the console: rank 0 speaks for the run
             handler.setLevel(logging.WARNING)
     where = "run folder" if state is None else f"resuming at epoch {state.epoch + 1}, step {state.step}:"
-    rows = f"{info.n_train} train / {info.n_test} test rows from {info.source}"
+    rows = f"{info.n_train} train / {info.n_val} validation / {info.n_test} test rows from {info.source}"
     log.info("%s %s | %s on %s | %s", where, run_dir, cfg.model.name, device, rows)
     return run
 

@@ -20,7 +20,7 @@ from dlfs_cli.config import TrainerConfig
 from dlfs_cli.data import Batches
 from dlfs_cli.distributed import SINGLE, World, sum_dtype
 from dlfs_cli.errors import DlfsError
-from dlfs_cli.tracking import ProgressDisplay, RunFolder
+from dlfs_cli.tracking import ProgressDisplay, RunFolder, log
 
 REGRESSION_METRICS = ["loss", "mse", "rmse", "mae"]
 CLASSIFICATION_METRICS = ["loss", "accuracy"]
@@ -39,7 +39,9 @@ class CarriedState:
     on the model's device, None (zeros) at the start of every pass over the data.
 
     mode "rows": row r's final state starts row r of the next batch (contiguous streams);
-    mode "mean": the batch mean of the final states starts every row (the book's notebook).
+    mode "mean": the batch mean of the final states starts every row (the book's notebook);
+    mode "start": one given state starts every row of every batch (the book's evaluation, from the state
+    carried out of training).
     """
 
     def __init__(self, mode: str) -> None:
@@ -50,19 +52,28 @@ class CarriedState:
         if self.state is None:
             return None
         h, c = self.state
-        if self.mode == "mean":
+        if self.mode in ("mean", "start"):
             return h.expand(-1, batch_size, -1).contiguous(), c.expand(-1, batch_size, -1).contiguous()
         return (h, c) if h.shape[1] == batch_size else None
 
     def keep(self, state: tuple[Tensor, Tensor]) -> None:
+        if self.mode == "start":
+            return  # every batch starts from the given state
         h, c = (s.detach().float() for s in state)  # float32 also after a bf16 autocast step
         if self.mode == "mean":
             h, c = h.mean(dim=1, keepdim=True), c.mean(dim=1, keepdim=True)
         self.state = (h, c)
 
 
-def carried_state(loader: Iterable) -> CarriedState | None:
-    """The state a loader's batches carry from one to the next (text batchings say how), or None."""
+def carried_state(loader: Iterable, training_state: tuple[Tensor, Tensor] | None = None) -> CarriedState | None:
+    """The state a loader's batches carry from one to the next (text batchings say how), or None. A held-out
+    loader that asks to start from the training state (the book's LSTM evaluation) starts every batch from
+    `training_state`, averaged over its rows (zeros when there is none yet)."""
+    if getattr(loader, "from_training_state", False):
+        start = CarriedState("start")
+        if training_state is not None:
+            start.state = tuple(s.mean(dim=1, keepdim=True) for s in training_state)  # type: ignore[assignment]
+        return start
     mode = getattr(loader, "carry", None)
     return CarriedState(mode) if mode else None
 
@@ -120,12 +131,15 @@ def evaluate(
     world: World = SINGLE,
     bf16: bool = False,
     channels_last: bool = False,
+    split: str = "test",
+    training_state: tuple[Tensor, Tensor] | None = None,
 ) -> dict[str, float]:
-    """Held-out metrics, named test_<metric>, accumulated over the whole split (or limit_batches of it);
-    under torchrun each rank measures its rows of every batch and the sums are added up over the ranks."""
+    """Metrics of a held-out split, named <split>_<metric>, accumulated over the whole split (or limit_batches
+    of it); under torchrun each rank measures its rows of every batch and the sums are added up over the
+    ranks. training_state: a recurrent model's state at the end of training (see carried_state)."""
     model.eval()
     loss_fn = make_loss(loss_name)
-    carried = carried_state(loader)  # its own: evaluation never touches the training state
+    carried = carried_state(loader, training_state)  # its own: evaluation never changes the training state
     keys = ["loss", "se", "ae"] if loss_name == "mse" else ["loss", "correct"]
     sums = torch.zeros(len(keys), dtype=sum_dtype(device), device=device)
     elements, sequence = 0, False
@@ -148,7 +162,7 @@ def evaluate(
     values = dict(zip([*keys, "elements"], totals.tolist(), strict=True))  # one host sync per evaluation
     elements = values["elements"]
     if elements == 0:
-        raise DlfsError("the held-out split is empty: nothing to evaluate")
+        raise DlfsError(f"the {split} split is empty: nothing to evaluate")
     metrics = {"loss": values["loss"] / elements}
     if loss_name == "mse":
         metrics["mse"] = values["se"] / elements
@@ -158,7 +172,7 @@ def evaluate(
         if sequence:  # a prediction at every position of a sequence: characters
             metrics["bpc"] = metrics["loss"] / math.log(2)  # nats per character -> bits per character
         metrics["accuracy"] = values["correct"] / elements
-    return {f"test_{k}": v for k, v in metrics.items()}
+    return {f"{split}_{k}": v for k, v in metrics.items()}
 
 
 class RunningLoss:
@@ -257,8 +271,11 @@ class Trainer:
         self.identity = identity  # config, its hash, version, vocabulary: in every checkpoint
         # Where the run stands: what state_dict saves and load_state_dict puts back.
         self.epoch, self.batch, self.step = 0, 0, 0  # epochs completed; batches done in the epoch under way
-        self.best_loss = math.inf
-        self.final: dict[str, float] = {}  # the latest held-out metrics
+        self.best_loss = math.inf  # the lowest validation loss: best.pt's
+        self.best_epoch: int | None = None
+        self.evals_since_best = 0  # evaluations without an improvement of more than min_delta
+        self.stopped_early: dict[str, Any] | None = None  # set when early stopping ends the run
+        self.final: dict[str, float] = {}  # the latest validation metrics, and the test metrics once measured
         self.data_rng: Tensor | None = None  # the data order's generator at the start of the epoch under way
         self.carried: CarriedState | None = None
         self.running = RunningLoss(device)
@@ -267,30 +284,65 @@ class Trainer:
         self.lr = optimizer.param_groups[0]["lr"]  # the rate of the epoch under way, for metrics.csv
         self._start = time.monotonic()
 
-    def fit(self, train_loader: Batches, test_loader: Iterable) -> dict[str, float]:
-        """Train up to cfg.epochs, evaluating every cfg.eval_every epochs and after the last; returns the
-        final held-out metrics."""
+    def fit(self, train_loader: Batches, val_loader: Iterable | None, test_loader: Iterable) -> dict[str, float]:
+        """Train up to cfg.epochs (or until early stopping), evaluating the validation split every
+        cfg.eval_every epochs and after the last, and the test split after the last; returns the final
+        metrics (val_* and test_*). Without a validation split the evaluations are of the test split."""
         self._start = time.monotonic() - self.elapsed_before
         epochs = self.cfg.epochs
         if epochs == 0:  # nothing to train: measure the initial model so the run still has its numbers
-            self._evaluate(test_loader, 0)
+            self._evaluate_epoch(val_loader, test_loader, 0, last=True)
             self._save("last.pt")
             return self.final
         generator = getattr(train_loader, "generator", None)  # the data order's, if the loader shuffles
         with ProgressDisplay(epochs, self._batches(train_loader), self.run.live) as progress:
             for epoch in range(self.epoch + 1, epochs + 1):
+                if self.stopped_early is not None:  # a resumed run that had stopped early, and respects it
+                    break
                 self.lr = self.optimizer.param_groups[0]["lr"]
                 train_loss = self._train_epoch(train_loader, generator, progress, epoch)
                 if self.scheduler is not None:
                     self.scheduler.step()  # after the optimizer's steps (the book had them the other way round)
                 self.epoch, self.batch = epoch, 0
                 self.data_rng = generator.get_state() if generator is not None else None  # the next epoch's
-                test = None
+                shown = None
                 if epoch % self.cfg.eval_every == 0 or epoch == epochs:
-                    test = self._evaluate(test_loader, epoch)
+                    shown = self._evaluate_epoch(val_loader, test_loader, epoch, last=epoch == epochs)
                 self._save("last.pt")
-                progress.epoch(epoch, train_loss, test)
+                progress.epoch(epoch, train_loss, shown)
         return self.final
+
+    def _evaluate_epoch(
+        self, val_loader: Iterable | None, test_loader: Iterable, epoch: int, last: bool
+    ) -> dict[str, float]:
+        """The evaluations due at an epoch's end: the validation split, which decides best.pt and early
+        stopping; the test split after the last epoch (also an early-stopped one), or at every evaluation
+        with cfg.test_every_eval. Without a validation split: the test split, deciding nothing (the book's)."""
+        if val_loader is None:
+            return self._evaluate(test_loader, "test", epoch)
+        val = self._evaluate(val_loader, "val", epoch)
+        loss, stopping = val["val_loss"], self.cfg.early_stopping
+        improved = loss < self.best_loss
+        if loss < self.best_loss - stopping.min_delta:
+            self.evals_since_best = 0
+        else:
+            self.evals_since_best += 1
+        if improved:
+            self.best_loss, self.best_epoch = loss, epoch
+        if stopping.patience is not None and self.evals_since_best >= stopping.patience and not last:
+            self.stopped_early = {
+                "epoch": epoch,
+                "best_epoch": self.best_epoch,
+                "reason": f"val_loss did not improve by more than {stopping.min_delta:g} in {stopping.patience} "
+                f"evaluations (best {self.best_loss:.6g} at epoch {self.best_epoch})",
+            }
+            log.info("early stopping at epoch %d: %s", epoch, self.stopped_early["reason"])
+        test = {}
+        if last or self.stopped_early is not None or self.cfg.test_every_eval:
+            test = self._evaluate(test_loader, "test", epoch)
+        if improved:  # after the test evaluation: best.pt records it when the last epoch is the best
+            self._save("best.pt")
+        return val | test
 
     def _train_epoch(
         self, loader: Batches, generator: torch.Generator | None, progress: ProgressDisplay, epoch: int
@@ -321,6 +373,8 @@ class Trainer:
         with autocast(self.device, self.bf16):
             loss = self.loss_fn(model_output(self.model, to_layout(x, self.cfg.channels_last), self.carried), y)
         (loss if scale is None else loss * scale).backward()
+        if self.cfg.grad_clip_norm is not None:  # the gradients' global L2 norm (DDP: after their all-reduce)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip_norm)
         self.optimizer.step()
         n = y.numel()
         return (loss.detach() if scale is None else loss.detach() / max(n, 1)), n
@@ -372,7 +426,8 @@ class Trainer:
         row = {"epoch": epoch, "step": self.step, "split": "train", "lr": self.lr, "loss": loss}
         self.run.log_metrics(row | {"elapsed_s": elapsed})
 
-    def _evaluate(self, loader: Iterable, epoch: int) -> dict[str, float]:
+    def _evaluate(self, loader: Iterable, split: str, epoch: int) -> dict[str, float]:
+        """One split's metrics (<split>_loss, ...), recorded as a row of metrics.csv and kept in self.final."""
         metrics = evaluate(
             self.net,
             loader,
@@ -382,16 +437,15 @@ class Trainer:
             self.world,
             self.bf16,
             self.cfg.channels_last,
+            split,
+            self.carried.state if self.carried is not None else None,
         )
-        if not math.isfinite(metrics["test_loss"]):  # weights went NaN in the last steps: save nothing
+        if not math.isfinite(metrics[f"{split}_loss"]):  # weights went NaN in the last steps: save nothing
             raise Diverged(epoch, self.step, self.lr)
-        self.final = metrics
-        row = {"epoch": epoch, "step": self.step, "split": "test", "lr": self.lr}
-        row |= {k.removeprefix("test_"): v for k, v in metrics.items()}
+        self.final = self.final | metrics
+        row = {"epoch": epoch, "step": self.step, "split": split, "lr": self.lr}
+        row |= {k.removeprefix(f"{split}_"): v for k, v in metrics.items()}
         self.run.log_metrics(row | {"elapsed_s": time.monotonic() - self._start})
-        if metrics["test_loss"] < self.best_loss:
-            self.best_loss = metrics["test_loss"]
-            self._save("best.pt")
         return metrics
 
     def _batches(self, loader: Batches) -> int:
@@ -402,7 +456,10 @@ class Trainer:
         state = self.state_dict()
         if self.world.main:
             save_checkpoint(self.run.checkpoints / name, state)
-            self.run.update_summary(epochs_completed=self.epoch, step=self.step)
+            if name == "best.pt":
+                self.run.update_summary(best={"epoch": self.best_epoch, "step": self.step, "val_loss": self.best_loss})
+            early = {"stopped_early": self.stopped_early} if self.stopped_early is not None else {}
+            self.run.update_summary(epochs_completed=self.epoch, step=self.step, **early)
 
     def state_dict(self) -> Checkpoint:
         """Everything an exact resume needs (see checkpoint.Checkpoint)."""
@@ -416,6 +473,9 @@ class Trainer:
             step=self.step,
             metrics=self.final,
             best_loss=self.best_loss,
+            best_epoch=self.best_epoch,
+            evals_since_best=self.evals_since_best,
+            stopped_early=self.stopped_early,
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
             rng=capture_rng(self.device) if self.world.main else None,
@@ -434,6 +494,8 @@ class Trainer:
             self.scheduler.load_state_dict(state.scheduler)
         self.epoch, self.batch, self.step = state.epoch, state.batch_in_epoch, state.step
         self.final, self.best_loss, self.data_rng = state.metrics, state.best_loss, state.data_rng
+        self.best_epoch, self.evals_since_best = state.best_epoch, state.evals_since_best
+        self.stopped_early = state.stopped_early
         if state.carried is not None:  # the whole batch's rows; under torchrun each rank takes its own
             self.carried = CarriedState(state.carried["mode"])
             h, c = (self.world.shard(state.carried[k], dim=1).to(self.device) for k in ("h", "c"))

@@ -84,6 +84,13 @@ def test_device_spellings(make_cfg, device: str) -> None:
         (["device=gpu"], "device"),
         (["device=cuda:x"], "device"),
         (["+trainer.patience=3"], "trainer.patience"),
+        (["data.val_fraction=1"], "data.val_fraction"),
+        (["data.val_fraction=-0.1"], "data.val_fraction"),
+        (["trainer.early_stopping.patience=0"], "trainer.early_stopping.patience"),
+        (["trainer.early_stopping.patience=2", "data.val_fraction=0"], "trainer.early_stopping.patience"),
+        (["trainer.early_stopping.min_delta=-1"], "trainer.early_stopping.min_delta"),
+        (["trainer.grad_clip_norm=0"], "trainer.grad_clip_norm"),
+        (["model=lstm_charmodel", "data.eval_state=carried"], "data.eval_state"),  # streams: no mean state
     ],
 )
 def test_bad_values_are_refused_naming_the_key(make_cfg, overrides: list[str], key: str) -> None:
@@ -106,6 +113,15 @@ def test_a_config_saved_with_the_old_trainer_seed_still_loads(make_cfg) -> None:
         assert cfg.seed == expected and "seed" not in cfg.trainer
         validate(cfg)
     assert typed_config(saved).seed == 5
+
+
+def test_a_config_saved_before_the_validation_split_keeps_all_its_training_data(make_cfg) -> None:
+    """Such a run trained on the whole training part: its config reads as data.val_fraction=0 (its eval and
+    resume see the data it saw), while a config of today keeps its own value."""
+    saved = OmegaConf.to_container(make_cfg(), resolve=True, enum_to_str=True)
+    assert typed_config(saved).data.val_fraction == 0.2
+    del saved["data"]["val_fraction"]
+    assert typed_config(saved).data.val_fraction == 0
 
 
 def test_every_default_is_stated_once_in_the_schemas() -> None:

@@ -11,23 +11,13 @@ from omegaconf import OmegaConf
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
-from dlfs_cli.config import DlfsError
-from dlfs_cli.data import build_data
+from dlfs_cli.config import BostonDataConfig, DlfsError
+from dlfs_cli.data import build_data, validation_positions
 from dlfs_cli.data.boston import BUNDLED_CSV, load_csv, split_indices, standard_scale
 
 
 def boston_cfg(**kw):
-    return OmegaConf.create(
-        {
-            "name": "boston",
-            "path": None,
-            "test_size": 0.3,
-            "split_seed": 80718,
-            "scaling": "train",
-            "num_workers": 0,
-            **kw,
-        }
-    )
+    return OmegaConf.merge(OmegaConf.structured(BostonDataConfig), kw)  # the schema's defaults: the book's split
 
 
 def test_bundled_csv_is_the_506_row_dataset() -> None:
@@ -54,9 +44,10 @@ def test_scaling_is_scikit_learns_standard_scaler() -> None:
 
 
 def test_book_split_sizes_and_the_two_scalings() -> None:
-    train_only = build_data(boston_cfg(), batch_size=32, seed=0)
-    all_rows = build_data(boston_cfg(scaling="all"), batch_size=32, seed=0)
-    assert (train_only.info.n_train, train_only.info.n_test) == (354, 152)
+    train_only = build_data(boston_cfg(val_fraction=0), batch_size=32, seed=0)
+    all_rows = build_data(boston_cfg(scaling="all", val_fraction=0), batch_size=32, seed=0)
+    assert (train_only.info.n_train, train_only.info.n_val, train_only.info.n_test) == (354, 0, 152)
+    assert train_only.val is None
     X_train = train_only.train.dataset.tensors[0]
     assert torch.allclose(X_train.mean(0), torch.zeros(13), atol=1e-5)  # fitted on these rows
     X_train_all = all_rows.train.dataset.tensors[0]
@@ -85,3 +76,25 @@ def test_a_bad_csv_is_named(tmp_path: Path) -> None:
     text.write_text("h\nnot,a,number\n")
     with pytest.raises(DlfsError, match=r"text\.csv"):
         build_data(boston_cfg(path=str(text)), 32, 0)
+
+
+def test_the_validation_rows_come_from_the_training_rows_and_never_move() -> None:
+    """71 of the 354 training rows validate (val_fraction 0.2), drawn with split_seed whatever the run's seed;
+    the scaler is fitted on the 283 rows that train; val_fraction 0 leaves the book's 354 as they were."""
+    X, y = load_csv(BUNDLED_CSV)
+    train_idx, test_idx = split_indices(len(X), 0.3, 80718)
+    data = build_data(boston_cfg(), batch_size=32, seed=0)
+    assert (data.info.n_train, data.info.n_val, data.info.n_test) == (283, 71, 152)
+    fit, val = validation_positions(len(train_idx), 0.2, 80718)
+    assert len(set(fit) | set(val)) == 354 and not set(fit) & set(val)
+    val_targets = torch.cat([t for _, t in data.val])
+    assert torch.equal(val_targets, torch.as_tensor(y[train_idx[val]], dtype=torch.float32))
+    assert not set(train_idx[val]) & set(test_idx)
+    X_fit = data.train.dataset.tensors[0]
+    assert torch.allclose(X_fit.mean(0), torch.zeros(13), atol=1e-5)  # fitted on the rows that train
+    other_seed = build_data(boston_cfg(), batch_size=32, seed=7)
+    assert torch.equal(torch.cat([t for _, t in other_seed.val]), val_targets)  # the run's seed moves nothing
+    whole = build_data(boston_cfg(val_fraction=0), batch_size=32, seed=0).train.dataset.tensors[1]
+    assert torch.equal(whole, torch.as_tensor(y[train_idx], dtype=torch.float32))  # the book's rows, in order
+    with pytest.raises(DlfsError, match="val_fraction"):
+        build_data(boston_cfg(val_fraction=0.9999), batch_size=32, seed=0)

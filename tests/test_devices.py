@@ -366,6 +366,7 @@ def test_trainer_tf32_sets_the_backend_flags_either_way_and_is_recorded(make_cfg
 
 BOSTON = OmegaConf.create(
     {"name": "boston", "path": None, "test_size": 0.2, "split_seed": 80718, "scaling": "train", "num_workers": 0}
+    | {"val_fraction": 0.0}
 )
 
 

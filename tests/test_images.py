@@ -30,6 +30,8 @@ def mnist_cfg(root: Path, **kw):
             "pipeline": "tensor",
             "scaling": "auto",
             "num_workers": 0,
+            "val_fraction": 0.1,
+            "split_seed": 0,
             **kw,
         }
     )
@@ -93,18 +95,21 @@ def test_both_data_paths_give_the_same_inputs_and_targets(mnist_root: Path, reco
     assert torch.equal(fast.test_labels, book.test_labels)
     for (x1, y1), (x2, y2) in zip(fast.test, book.test, strict=True):  # held-out: a fixed order
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    for (v1, w1), (v2, w2) in zip(fast.val, book.val, strict=True):  # the same validation images, in order
+        assert torch.equal(v1, v2) and torch.equal(w1, w2)
     if reconstruct:  # the book's autoencoder scaling: [-1, 1] by the training set's min and max
         assert x1.min() >= -1 and x1.max() <= 1
     # training: each epoch a new order, every image once
     epochs = [torch.cat([y for _, y in fast.train]) for _ in range(2)]
-    assert len(epochs[0]) == 240 and not torch.equal(epochs[0], epochs[1])
+    assert len(epochs[0]) == 216 and fast.info.n_val == 24  # a tenth of the 240 training images validates
+    assert not torch.equal(epochs[0], epochs[1])
     if not reconstruct:
         assert torch.equal(epochs[0].sort().values, torch.cat([y for _, y in book.train]).sort().values)
 
 
 def test_digits_need_no_download(make_cfg) -> None:
     data = build_data(make_cfg("data=digits").data, 60, 0)
-    assert (data.info.n_train, data.info.n_test) == (1437, 360)
+    assert (data.info.n_train, data.info.n_val, data.info.n_test) == (1293, 144, 360)  # 1437 train, a tenth validates
     x, y = next(iter(data.train))
     assert x.shape == (60, 1, 28, 28) and y.dtype == torch.int64
     assert abs(float(torch.cat([b for b, _ in data.train]).mean())) < 0.05  # standardised on its own stats
@@ -129,7 +134,8 @@ def test_mnist_cnn_smoke_run_on_idx_files(make_cfg, mnist_root: Path, tmp_path: 
         "device=cpu",
     )
     metrics = train(cfg, run)
-    assert set(metrics) == {"test_loss", "test_accuracy"} and 0 <= metrics["test_accuracy"] <= 1
+    assert set(metrics) == {"val_loss", "val_accuracy", "test_loss", "test_accuracy"}
+    assert 0 <= metrics["test_accuracy"] <= 1
     assert _figures(run) == {"loss_curves.png", "confusion_matrix.png"}
 
 

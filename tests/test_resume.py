@@ -64,7 +64,16 @@ def resume(make_cfg, run: Path) -> dict[str, float]:
     ("overrides", "stop_at"),
     [
         (["trainer.epochs=3", "model.dropout_keep=0.8"], 5),  # Boston: a shuffling DataLoader, dropout; mid-epoch
-        (["trainer.epochs=3", "model.dropout_keep=0.8"], 12),  # ... exactly at an epoch's end
+        (["trainer.epochs=3", "model.dropout_keep=0.8"], 9),  # ... exactly at an epoch's end (283 rows: 9 steps)
+        (  # early stopping's count of evaluations without improvement: it stops after epoch 3 of 8 either way
+            [
+                "trainer.epochs=8",
+                "trainer.limit_batches=3",
+                "trainer.early_stopping.patience=2",
+                "trainer.early_stopping.min_delta=1e9",
+            ],
+            7,
+        ),
         pytest.param(  # tensor batches
             ["model=mnist_cnn", "data=digits", "trainer.epochs=2", "trainer.limit_batches=10"],
             13,
@@ -93,7 +102,7 @@ def resume(make_cfg, run: Path) -> dict[str, float]:
             marks=pytest.mark.slow,
         ),
     ],
-    ids=["boston-mid-epoch", "boston-epoch-end", "cnn-digits", "lstm-streams", "lstm-book"],
+    ids=["boston-mid-epoch", "boston-epoch-end", "boston-early-stopping", "cnn-digits", "lstm-streams", "lstm-book"],
 )
 def test_interrupted_and_resumed_equals_uninterrupted(
     make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: list[str], stop_at: int
@@ -133,7 +142,8 @@ def test_resume_policy(make_cfg, tmp_path: Path) -> None:
 def test_a_run_saved_with_the_old_trainer_seed_evaluates_and_resumes(make_cfg, tmp_path: Path) -> None:
     """Runs saved before dlfs had one seed key carry `trainer.seed` in config.yaml and in their
     checkpoints: eval and resume still read them, the old key giving the run's seed."""
-    overrides = ["seed=4", "device=cpu", "figures.enabled=false"]
+    # test_every_eval: the 1-epoch run measured the test split after its epoch 1; so does the 2-epoch one
+    overrides = ["seed=4", "device=cpu", "figures.enabled=false", "trainer.test_every_eval=true"]
     straight = tmp_path / "straight"
     train(make_cfg(*overrides, "trainer.epochs=2"), straight)
     run = tmp_path / "old"
@@ -248,11 +258,11 @@ def test_divergence_keeps_the_last_good_checkpoint(make_cfg, tmp_path: Path, mon
     run = tmp_path / "run"
     original = RunningLoss.add
 
-    def poison(self, loss, elements, step):  # from step 30 on the loss is NaN, as if the weights had blown up
-        original(self, loss * float("nan") if step >= 30 else loss, elements, step)
+    def poison(self, loss, elements, step):  # from step 20 on the loss is NaN, as if the weights had blown up
+        original(self, loss * float("nan") if step >= 20 else loss, elements, step)
 
     monkeypatch.setattr(RunningLoss, "add", poison)
-    with pytest.raises(DlfsError, match="at step 30 .epoch 3."):
+    with pytest.raises(DlfsError, match="at step 20 .epoch 3."):  # 283 training rows: 9 steps an epoch
         train(make_cfg("trainer.epochs=5", "device=cpu", "figures.enabled=false"), run)
     assert summary(run)["status"] == "diverged"
     last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)

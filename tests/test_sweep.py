@@ -64,11 +64,12 @@ def test_a_sweep_ends_with_summary_csv_ranked_by_the_metric(seed_sweep) -> None:
         assert r["status"] == "completed" and r["epochs"] == "2" and float(r["duration_s"]) > 0
         summary = json.loads((Path(r["run_dir"]) / "summary.json").read_text())
         assert float(r["test_mse"]) == pytest.approx(summary["metrics"]["test_mse"], rel=1e-5)
-    # the printed table: best (lowest test_loss) first
-    ranked = sorted(rows, key=lambda r: float(r["test_loss"]))
+        assert float(r["val_loss"]) == pytest.approx(summary["metrics"]["val_loss"], rel=1e-5)
+    # the printed table: best (lowest validation loss) first, the test metrics beside it
+    ranked = sorted(rows, key=lambda r: float(r["val_loss"]))
     table = [line for line in out.stdout.splitlines() if line.startswith("│") and "completed" in line]
     assert [line.split("│")[2].strip() for line in table[:4]] == [r["job"] for r in ranked]
-    assert "best first by test_loss (lowest)" in out.stdout
+    assert "best first by val_loss (lowest)" in out.stdout and "test_loss" in out.stdout
 
 
 @on_the_sweeps_worker

@@ -147,8 +147,9 @@ def test_text_file_errors_name_the_file(make_cfg, tmp_path: Path, content: bytes
 
 def test_bundled_corpora_and_the_books_split(make_cfg) -> None:
     data = build_data(make_cfg("model=lstm_charmodel").data, 32, 0)
-    assert len(data.info.vocab) == 62 and data.info.n_train + data.info.n_test == 99_993
-    assert data.info.n_train == int(99_993 * 0.8)
+    assert len(data.info.vocab) == 62 and data.info.n_train + data.info.n_val + data.info.n_test == 99_993
+    assert data.info.n_train + data.info.n_val == int(99_993 * 0.8)  # the book's 80%, its last tenth validates
+    assert data.info.n_val == int(int(99_993 * 0.8) * 0.1)
 
 
 def test_generation_is_deterministic_for_a_seed() -> None:
@@ -164,22 +165,26 @@ def test_generation_is_deterministic_for_a_seed() -> None:
         sample(model, ALPHABET, "aXY", 5, 1.0, 0, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("batching", ["streams", "book"])
+@pytest.mark.parametrize("batching", ["streams", "book", "book-carried"])
 def test_smoke_run_then_generate(run_here, make_cfg, tmp_path: Path, batching: str) -> None:
+    """book-carried: the book's evaluation from the state carried out of training, which last.pt holds:
+    `dlfs eval` recomputes the same numbers from it."""
     text = tmp_path / "t.txt"
     text.write_text("To be, or not to be, that is the question.\n" * 30)
     run = tmp_path / "run"
+    batching, _, carried = batching.partition("-")
     cfg = make_cfg(
         "model=lstm_charmodel",
         f"data.path={text}",
         f"data.batching={batching}",
+        f"data.eval_state={carried or 'zeros'}",
         "model.hidden_size=16",
         "trainer.epochs=2",
         "trainer.batch_size=8",
         "device=cpu",
     )
     metrics = train(cfg, run)
-    assert set(metrics) == {"test_loss", "test_bpc", "test_accuracy"}
+    assert set(metrics) == {f"{split}_{m}" for split in ("val", "test") for m in ("loss", "bpc", "accuracy")}
     assert metrics["test_bpc"] == pytest.approx(metrics["test_loss"] / 0.6931471805599453)
     assert len((run / "samples.txt").read_text()) > 300
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
@@ -202,3 +207,25 @@ def test_generate_errors_are_one_line(run_here, tmp_path: Path) -> None:
         out = run_here("generate", *args, cwd=tmp_path)
         assert out.returncode != 0 and "Traceback" not in out.stderr
         assert len(out.stderr.strip().splitlines()) == 1 and message in out.stderr, out.stderr
+
+
+def test_the_books_evaluation_starts_every_window_from_the_training_state() -> None:
+    """data.eval_state=carried: each held-out window starts from the batch mean of the state carried out of
+    training (the book's notebook: h.expand(1, m, H)), not from zeros; evaluation leaves that state alone."""
+    torch.manual_seed(0)
+    model = NextCharacterModel(vocab_size=len(ALPHABET), hidden_size=8).eval()
+    ids = encode("thequickbrownfoxjumpsoverthelazydog" * 3, ALPHABET)
+    state = (torch.randn(1, 4, 8), torch.randn(1, 4, 8))  # a training batch of 4 rows
+    kept = tuple(s.clone() for s in state)
+    carried = evaluate(
+        model, WindowBatches(ids, 5, 6, True), "cross_entropy", torch.device("cpu"), training_state=state
+    )
+    zeros = evaluate(model, WindowBatches(ids, 5, 6), "cross_entropy", torch.device("cpu"), training_state=state)
+    assert all(torch.equal(a, b) for a, b in zip(state, kept, strict=True))
+    windows = WindowBatches(ids, 1000, 6).windows  # every window at once, as the notebook did
+    h, c = (s.mean(1, keepdim=True).expand(1, len(windows), 8).contiguous() for s in state)
+    with torch.no_grad():
+        out, _ = model(windows[:, :-1], (h, c))
+        book = torch.nn.functional.cross_entropy(out, windows[:, 1:]).item()
+    assert carried["test_loss"] == pytest.approx(book, rel=1e-6)
+    assert zeros["test_loss"] != pytest.approx(book, rel=1e-3)

@@ -41,7 +41,7 @@ def test_run_folder_contract(make_cfg, tmp_path: Path) -> None:
     assert summary["model"] == "boston" and summary["seed"] == 7 and summary["device"] == "cpu"
     assert summary["epochs_completed"] == 2 and summary["world_size"] == 1
     assert summary["duration_s"] > 0
-    assert set(summary["metrics"]) == {"test_loss", "test_mse", "test_rmse", "test_mae"}
+    assert set(summary["metrics"]) == {f"{s}_{m}" for s in ("val", "test") for m in ("loss", "mse", "rmse", "mae")}
     assert summary["metrics"] == metrics
     assert metrics["test_rmse"] == pytest.approx(metrics["test_mse"] ** 0.5)
     assert set(summary["versions"]) >= {"python", "torch", "dlfs", "git"}
@@ -50,10 +50,11 @@ def test_run_folder_contract(make_cfg, tmp_path: Path) -> None:
     assert list(rows[0]) == ["epoch", "step", "split", "lr", "loss", "mse", "rmse", "mae", "elapsed_s"]
     assert [(r["epoch"], r["step"], r["split"]) for r in rows] == [
         ("1", "3", "train"),
-        ("1", "3", "test"),
+        ("1", "3", "val"),
         ("2", "6", "train"),
+        ("2", "6", "val"),
         ("2", "6", "test"),
-    ]  # limit_batches=3: three steps per epoch
+    ]  # limit_batches=3: three steps per epoch; the validation split each epoch, the test split after the last
     assert float(rows[-1]["mse"]) == pytest.approx(metrics["test_mse"], rel=1e-5)
 
     for name in ("last.pt", "best.pt"):
@@ -62,6 +63,69 @@ def test_run_folder_contract(make_cfg, tmp_path: Path) -> None:
         assert ckpt["config"]["seed"] == 7 and "seed" not in ckpt["config"]["trainer"]  # one seed key
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 2
     assert "completed" in (run / "train.log").read_text()
+    # best.pt: the epoch of the lowest validation loss, recorded in summary.json
+    val = [(float(r["loss"]), int(r["epoch"])) for r in rows if r["split"] == "val"]
+    best_loss, best_epoch = min(val)
+    assert summary["best"]["epoch"] == best_epoch and summary["best"]["val_loss"] == pytest.approx(best_loss, rel=1e-5)
+    assert torch.load(run / "checkpoints" / "best.pt", weights_only=True)["epoch"] == best_epoch
+
+
+def test_best_pt_is_chosen_on_the_validation_loss_never_on_the_test_loss(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    """Validation losses made to fall to a minimum at epoch 2 and test losses at epoch 4: best.pt is epoch 2."""
+    from dlfs_cli import trainer as trainer_module
+
+    real, calls = trainer_module.evaluate, {"val": 0, "test": 0}
+    shapes = {"val": [5.0, 1.0, 3.0, 4.0, 6.0], "test": [5.0, 4.0, 3.0, 1.0, 2.0]}
+
+    def fake(*args, **kwargs):
+        metrics, split = real(*args, **kwargs), kwargs.get("split", args[8] if len(args) > 8 else "test")
+        metrics[f"{split}_loss"] = shapes[split][calls[split]]
+        calls[split] += 1
+        return metrics
+
+    monkeypatch.setattr(trainer_module, "evaluate", fake)
+    run = tmp_path / "run"
+    train(make_cfg(*SMOKE, *NO_FIGURES, "trainer.epochs=5", "trainer.test_every_eval=true"), run)
+    assert json.loads((run / "summary.json").read_text())["best"]["epoch"] == 2
+    assert torch.load(run / "checkpoints" / "best.pt", weights_only=True)["epoch"] == 2
+
+
+def test_early_stopping_ends_a_completed_run_and_a_resume_respects_it(make_cfg, tmp_path: Path) -> None:
+    """patience 2 with a min_delta no improvement can reach: the first evaluation sets the best, the next two
+    do not beat it by min_delta, so the run stops after epoch 3 of 8, completed, and says where and why."""
+    from dlfs_cli.resume import prepare
+
+    run = tmp_path / "run"
+    stop = ["trainer.early_stopping.patience=2", "trainer.early_stopping.min_delta=1e9"]
+    metrics = train(make_cfg(*SMOKE, *NO_FIGURES, "trainer.epochs=8", *stop), run)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs_completed"] == 3
+    assert summary["stopped_early"]["epoch"] == 3 and "2 evaluations" in summary["stopped_early"]["reason"]
+    assert [r["epoch"] for r in read_metrics(run) if r["split"] == "test"] == ["3"]  # the report, at the stop
+    assert set(metrics) >= {"val_loss", "test_loss"}
+    more = ["trainer.epochs=10"]  # a resume asking for more epochs: the run stays stopped
+    resumed = prepare(make_cfg(f"resume={run}", *more), [f"resume={run}", *more], run)
+    assert resumed is not None
+    cfg, state = resumed
+    assert train(cfg, run, state) == metrics
+    assert json.loads((run / "summary.json").read_text())["epochs_completed"] == 3
+
+
+def test_grad_clip_norm_bounds_every_steps_gradient(make_cfg, tmp_path: Path, monkeypatch) -> None:
+    norms: list[float] = []
+    step = torch.optim.SGD.step
+
+    def record(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", record)
+    train(make_cfg(*SMOKE, *NO_FIGURES), tmp_path / "free")
+    assert max(norms) > 10  # Boston's squared errors in $1000s: large gradients at first
+    norms.clear()
+    train(make_cfg(*SMOKE, *NO_FIGURES, "trainer.grad_clip_norm=0.5"), tmp_path / "clipped")
+    assert norms and max(norms) <= 0.5 * (1 + 1e-5)
 
 
 def test_checkpoint_reproduces_the_final_metrics_in_a_fresh_process(make_cfg, tmp_path: Path) -> None:
@@ -129,9 +193,20 @@ def test_the_books_exponential_decay_reaches_final_lr_in_the_last_epoch(make_cfg
 
 def test_eval_every_and_zero_epochs(make_cfg, tmp_path: Path) -> None:
     train(make_cfg(*SMOKE, *NO_FIGURES, "trainer.epochs=5", "trainer.eval_every=2"), tmp_path / "a")
-    assert [r["epoch"] for r in read_metrics(tmp_path / "a") if r["split"] == "test"] == ["2", "4", "5"]
+    rows = read_metrics(tmp_path / "a")
+    assert [r["epoch"] for r in rows if r["split"] == "val"] == ["2", "4", "5"]
+    assert [r["epoch"] for r in rows if r["split"] == "test"] == ["5"]  # once, for the report
+    train(make_cfg(*SMOKE, *NO_FIGURES, "trainer.epochs=3", "trainer.test_every_eval=true"), tmp_path / "c")
+    rows = read_metrics(tmp_path / "c")
+    assert [r["epoch"] for r in rows if r["split"] == "test"] == [r["epoch"] for r in rows if r["split"] == "val"]
+    book = make_cfg(*SMOKE, *NO_FIGURES, "trainer.epochs=5", "trainer.eval_every=2", "data.val_fraction=0")
+    train(book, tmp_path / "book")  # no validation split: the evaluations are of the test split, as the book's
+    rows = read_metrics(tmp_path / "book")
+    assert [r["epoch"] for r in rows if r["split"] == "test"] == ["2", "4", "5"]
+    assert "val" not in {r["split"] for r in rows}
+    assert not (tmp_path / "book" / "checkpoints" / "best.pt").exists()  # nothing to choose it on
     metrics = train(make_cfg("trainer.epochs=0", "device=cpu", *NO_FIGURES), tmp_path / "b")
-    assert metrics["test_mse"] > 100  # an untrained model on prices in $1000s
+    assert metrics["test_mse"] > 100 and metrics["val_mse"] > 100  # an untrained model on prices in $1000s
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["status"] == "completed"
 
 

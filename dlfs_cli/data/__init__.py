@@ -1,4 +1,7 @@
-"""Datasets: each `data` config option builds a train and a held-out DataLoader plus a DataInfo.
+"""Datasets: each `data` config option builds train, validation and test loaders plus a DataInfo.
+
+The validation split is carved out of the training part (data.val_fraction; `validation_positions`):
+every decision during training is taken on it, and the test split is only reported.
 
 New datasets join DATASETS here; their modules are imported only when used.
 """
@@ -6,10 +9,12 @@ New datasets join DATASETS here; their modules are imported only when used.
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -22,8 +27,9 @@ class DataInfo:
 
     name: str
     source: str  # where the data was read from
-    n_train: int
+    n_train: int  # the rows (images, characters) that train: the training part less the validation split
     n_test: int
+    n_val: int = 0  # 0: no validation split (data.val_fraction=0)
     num_features: int | None = None  # tabular data: columns per row
     num_classes: int | None = None  # classification: number of labels
     image_shape: tuple[int, int, int] | None = None  # images: (channels, height, width)
@@ -45,6 +51,20 @@ class DataBundle:
     test: Batches  # in a fixed order
     info: DataInfo
     test_labels: torch.Tensor | None = None  # class labels of the test split in loader order (for figures)
+    val: Batches | None = None  # in a fixed order; None: data.val_fraction=0
+
+
+def validation_positions(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) positions among n training items: a seeded draw of ceil(fraction * n) validates.
+    Both keep the items' order, so that fraction 0 leaves the training data exactly as it was."""
+    chosen = np.random.RandomState(seed).permutation(n)[: math.ceil(fraction * n)]
+    is_val = np.zeros(n, dtype=bool)
+    is_val[chosen] = True
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def too_few_to_validate(name: str, fraction: float, n: int) -> DlfsError:
+    return DlfsError(f"data.val_fraction={fraction} leaves {name} with an empty split of its {n} training rows")
 
 
 # data.name -> the module whose build(cfg, batch_size, seed, device, reconstruct) makes the loaders

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from dlfs_cli.config import Scaling
-from dlfs_cli.data import DataBundle, DataInfo, to_device_async
+from dlfs_cli.data import DataBundle, DataInfo, to_device_async, too_few_to_validate, validation_positions
 from dlfs_cli.errors import DlfsError
 
 BUNDLED_CSV = Path(__file__).with_name("boston_house_prices.csv")
@@ -66,9 +66,14 @@ def build(cfg: DictConfig, batch_size: int, seed: int, device: torch.device, rec
     train_idx, test_idx = split_indices(len(X), cfg.test_size, cfg.split_seed)
     if len(train_idx) == 0 or len(test_idx) == 0:
         raise DlfsError(f"data.test_size={cfg.test_size} leaves an empty split of {len(X)} rows")
-    X_train, X_test = X[train_idx], X[test_idx]
-    if cfg.scaling == Scaling.train:
-        X_train, X_test = standard_scale(X_train, X_train, X_test)
+    # the validation rows: a draw from the training rows, seeded by split_seed (the same for every run seed)
+    fit, val = validation_positions(len(train_idx), cfg.val_fraction, cfg.split_seed)
+    if cfg.val_fraction and len(fit) == 0:
+        raise too_few_to_validate("boston", cfg.val_fraction, len(train_idx))
+    train_idx, val_idx = train_idx[fit], train_idx[val]
+    X_train, X_val, X_test = X[train_idx], X[val_idx], X[test_idx]
+    if cfg.scaling == Scaling.train:  # fitted on the rows that train: neither test nor validation rows leak
+        X_train, X_val, X_test = standard_scale(X_train, X_train, X_val, X_test)
 
     def tensors(features: np.ndarray, target: np.ndarray) -> TensorDataset:
         return TensorDataset(
@@ -76,21 +81,31 @@ def build(cfg: DictConfig, batch_size: int, seed: int, device: torch.device, rec
         )
 
     train_set, test_set = tensors(X_train, y[train_idx]), tensors(X_test, y[test_idx])
+    val_set = tensors(X_val, y[val_idx])
     generator = torch.Generator().manual_seed(seed)  # a new order every epoch, the same for a seed
     eval_batch = max(batch_size, 1024)  # evaluation in big batches
+
+    def in_order(split: TensorDataset) -> DataLoader | DeviceRows:
+        if device.type == "cpu":
+            return DataLoader(split, batch_size=eval_batch)
+        features, target = (t.to(device) for t in split.tensors)
+        return DeviceRows(features, target, eval_batch)
+
     train: DataLoader | DeviceRows
     if device.type == "cpu":
         train = DataLoader(train_set, batch_size, shuffle=True, generator=generator, num_workers=cfg.num_workers)
-        test: DataLoader | DeviceRows = DataLoader(test_set, batch_size=eval_batch)
     else:  # a few kB: held on the device once, not copied from pageable memory batch by batch
         features, target = (t.to(device) for t in train_set.tensors)
         train = DeviceRows(features, target, batch_size, generator)
-        features, target = (t.to(device) for t in test_set.tensors)
-        test = DeviceRows(features, target, eval_batch)
     info = DataInfo(
-        name="boston", source=str(path), n_train=len(train_set), n_test=len(test_set), num_features=X.shape[1]
+        name="boston",
+        source=str(path),
+        n_train=len(train_set),
+        n_test=len(test_set),
+        n_val=len(val_set),
+        num_features=X.shape[1],
     )
-    return DataBundle(train, test, info)
+    return DataBundle(train, in_order(test_set), info, val=in_order(val_set) if len(val_set) else None)
 
 
 class DeviceRows:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from dlfs_cli.data import DataBundle, DataInfo
+from dlfs_cli.data import DataBundle, DataInfo, too_few_to_validate, validation_positions
 from dlfs_cli.data.boston import split_indices
 from dlfs_cli.data.images import TensorBatches, choose_scaling, place
 
@@ -27,22 +27,31 @@ def load_digits_28() -> tuple[torch.Tensor, torch.Tensor]:
 
 def build(cfg: DictConfig, batch_size: int, seed: int, device: torch.device, reconstruct: bool) -> DataBundle:
     pixels, labels = load_digits_28()
-    train_idx, test_idx = (torch.as_tensor(i) for i in split_indices(len(pixels), cfg.test_size, cfg.split_seed))
-    train_px, train_y = pixels[train_idx], labels[train_idx]
-    test_px, test_y = pixels[test_idx], labels[test_idx]
+    train_idx, test_idx = split_indices(len(pixels), cfg.test_size, cfg.split_seed)
+    # the validation images: a draw from the training images, seeded by split_seed
+    fit, val = validation_positions(len(train_idx), cfg.val_fraction, cfg.split_seed)
+    if cfg.val_fraction and len(fit) == 0:
+        raise too_few_to_validate("digits", cfg.val_fraction, len(train_idx))
+    train_rows, val_rows, test_rows = (torch.as_tensor(i) for i in (train_idx[fit], train_idx[val], test_idx))
+    train_px, train_y = pixels[train_rows], labels[train_rows]
     scale = choose_scaling(cfg.scaling, reconstruct, train_px, None)  # digits' own statistics
-    train_px, train_y, test_px, test_y = place((train_px, train_y, test_px, test_y), device)
+    train_px, train_y, val_px, val_y, test_px, test_y = place(
+        (train_px, train_y, pixels[val_rows], labels[val_rows], pixels[test_rows], labels[test_rows]), device
+    )
     info = DataInfo(
         name="digits",
         source="sklearn.datasets.load_digits (8x8 upsampled to 28x28)",
-        n_train=len(train_idx),
-        n_test=len(test_idx),
+        n_train=len(train_rows),
+        n_test=len(test_rows),
+        n_val=len(val_rows),
         image_shape=(1, 28, 28),
         num_classes=10,
     )
+    eval_batch = max(batch_size, 1000)
     return DataBundle(
         TensorBatches(train_px, train_y, batch_size, scale, reconstruct, torch.Generator().manual_seed(seed)),
-        TensorBatches(test_px, test_y, max(batch_size, 1000), scale, reconstruct),
+        TensorBatches(test_px, test_y, eval_batch, scale, reconstruct),
         info,
-        test_y,
+        labels[test_rows],
+        TensorBatches(val_px, val_y, eval_batch, scale, reconstruct) if len(val_rows) else None,
     )

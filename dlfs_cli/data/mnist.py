@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from dlfs_cli.data import DataBundle, DataInfo
+from dlfs_cli.data import DataBundle, DataInfo, too_few_to_validate, validation_positions
 from dlfs_cli.data.images import MNIST_MEAN, MNIST_STD, PixelScale, TensorBatches, choose_scaling, place
 from dlfs_cli.errors import DlfsError
 
@@ -105,42 +105,46 @@ def build(cfg: DictConfig, batch_size: int, seed: int, device: torch.device, rec
     root = Path(os.path.expanduser(str(cfg.root)))
     counts = ensure_mnist(root, cfg.download)
     train_set, test_set = MNIST(str(root), train=True), MNIST(str(root), train=False)
-    scale = choose_scaling(cfg.scaling, reconstruct, train_set.data, (MNIST_MEAN, MNIST_STD))
+    # the validation images: a draw from the training images, seeded by split_seed; the rest keep their order
+    fit, val = (torch.as_tensor(i) for i in validation_positions(len(train_set), cfg.val_fraction, cfg.split_seed))
+    if cfg.val_fraction and len(fit) == 0:
+        raise too_few_to_validate("mnist", cfg.val_fraction, len(train_set))
+    whole = len(val) == 0  # no validation split: the training set as it is (no copy)
+    train_px = train_set.data if whole else train_set.data[fit]
+    scale = choose_scaling(cfg.scaling, reconstruct, train_px, (MNIST_MEAN, MNIST_STD))
     info = DataInfo(
         name="mnist",
         source=str(raw_dir(root)),
-        n_train=counts["train"],
+        n_train=len(fit),
         n_test=counts["t10k"],
+        n_val=len(val),
         image_shape=(1, 28, 28),
         num_classes=10,
     )
     generator = torch.Generator().manual_seed(seed)
     eval_batch = max(batch_size, 1000)  # evaluation in big batches
     if cfg.pipeline == "tensor":
-        train_px, train_y, test_px, test_y = place(
-            (train_set.data, train_set.targets, test_set.data, test_set.targets), device
+        train_y = train_set.targets if whole else train_set.targets[fit]
+        train_px, train_y, val_px, val_y, test_px, test_y = place(
+            (train_px, train_y, train_set.data[val], train_set.targets[val], test_set.data, test_set.targets), device
         )
         return DataBundle(
             TensorBatches(train_px, train_y, batch_size, scale, reconstruct, generator),
             TensorBatches(test_px, test_y, eval_batch, scale, reconstruct),
             info,
             test_set.targets,
+            None if whole else TensorBatches(val_px, val_y, eval_batch, scale, reconstruct),
         )
-    train_ds, test_ds = _BookDataset(train_set, scale, reconstruct), _BookDataset(test_set, scale, reconstruct)
+    book = _BookDataset(train_set, scale, reconstruct)
+    train_ds = book if whole else Subset(book, fit.tolist())
     # Workers are not persistent: each epoch's are seeded from `generator` again, so a resume replays them.
-    workers = cfg.num_workers
+    workers, pin = cfg.num_workers, device.type == "cuda"
     return DataBundle(
-        DataLoader(
-            train_ds,
-            batch_size,
-            shuffle=True,
-            generator=generator,
-            num_workers=workers,
-            pin_memory=device.type == "cuda",
-        ),
-        DataLoader(test_ds, eval_batch, num_workers=workers, pin_memory=device.type == "cuda"),
+        DataLoader(train_ds, batch_size, shuffle=True, generator=generator, num_workers=workers, pin_memory=pin),
+        DataLoader(_BookDataset(test_set, scale, reconstruct), eval_batch, num_workers=workers, pin_memory=pin),
         info,
         test_set.targets,
+        None if whole else DataLoader(Subset(book, val.tolist()), eval_batch, num_workers=workers, pin_memory=pin),
     )
 
 

@@ -12,15 +12,16 @@ row j starts one character after row j - 1. The batch-mean final state is carrie
 from __future__ import annotations
 
 import gzip
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from dlfs_cli.config import Batching
-from dlfs_cli.data import Batches, DataBundle, DataInfo
+from dlfs_cli.config import Batching, EvalState
+from dlfs_cli.data import Batches, DataBundle, DataInfo, too_few_to_validate
 from dlfs_cli.errors import DlfsError
 
 CORPORA = Path(__file__).with_name("corpora")
@@ -98,14 +99,16 @@ class BookBatches:
 
 
 class WindowBatches:
-    """Held-out text in non-overlapping windows of L (the notebook's evaluation), each from a zero state."""
+    """Held-out text in non-overlapping windows of L (the notebook's evaluation), each from a zero state, or
+    (from_training_state) each from the state carried out of training, the book's evaluation."""
 
     carry = None
 
-    def __init__(self, ids: Tensor, batch_size: int, sequence_length: int) -> None:
+    def __init__(self, ids: Tensor, batch_size: int, sequence_length: int, from_training_state: bool = False) -> None:
         count = (len(ids) - 1) // sequence_length
         self.windows = torch.stack([ids[k * sequence_length : (k + 1) * sequence_length + 1] for k in range(count)])
         self.batch = batch_size
+        self.from_training_state = from_training_state  # evaluate() starts every window from that state
 
     def __len__(self) -> int:
         return (len(self.windows) + self.batch - 1) // self.batch
@@ -121,25 +124,32 @@ def build(cfg: DictConfig, batch_size: int, seed: int, device: torch.device, rec
         raise DlfsError("data=text has no images to reconstruct; use data=mnist or data=digits")
     path = Path(cfg.path).expanduser() if cfg.path else CORPORA / CORPUS_FILES[cfg.corpus.value]
     text = read_text(path)
-    n_train = int(len(text) * cfg.train_fraction)  # the book's split: by position, not shuffled
+    # the book's split, by position: [training | test]; the validation text is the end of the training part
+    n_train = int(len(text) * cfg.train_fraction)
+    n_val = int(n_train * cfg.val_fraction)
     L = cfg.sequence_length
-    for part, size in (("training", n_train), ("held-out", len(text) - n_train)):
-        if size < L + 1:
+    parts = (("training", n_train - n_val), ("validation", n_val), ("test", len(text) - n_train))
+    for part, size in parts:
+        if size < L + 1 and (size or part != "validation"):
             raise DlfsError(
                 f"{path}: {len(text)} characters leave {size} for the {part} part, shorter than one window "
                 f"of data.sequence_length + 1 = {L + 1}"
             )
+    if cfg.val_fraction and not n_val:
+        raise too_few_to_validate("text", cfg.val_fraction, n_train)
     vocab = vocabulary(text)
     ids = encode(text, vocab).to(device)
-    train, test = ids[:n_train], ids[n_train:]
+    train, val, test = ids[: n_train - n_val], ids[n_train - n_val : n_train], ids[n_train:]
     eval_rows = max(batch_size, 256)  # evaluation in big batches
-    loaders: tuple[Batches, Batches]
+    held_out: Callable[[Tensor], Batches]
     if cfg.batching == Batching.book:
         if len(train) < batch_size + L + 2:
             raise DlfsError(f"{path}: the training part is too short for one batch of {batch_size} book windows")
-        loaders = BookBatches(train, batch_size, L), WindowBatches(test, eval_rows, L)
+        train_batches: Batches = BookBatches(train, batch_size, L)
+        carried = cfg.eval_state == EvalState.carried
+        held_out = partial(WindowBatches, batch_size=eval_rows, sequence_length=L, from_training_state=carried)
     else:
-        loaders = StreamBatches(train, batch_size, L), StreamBatches(test, eval_rows, L)
-    info = DataInfo(name="text", source=str(path), n_train=len(train), n_test=len(test), vocab=vocab)
-    train_batches, test_batches = loaders
-    return DataBundle(train_batches, test_batches, info)
+        train_batches = StreamBatches(train, batch_size, L)
+        held_out = partial(StreamBatches, batch_size=eval_rows, sequence_length=L)
+    info = DataInfo(name="text", source=str(path), n_train=len(train), n_test=len(test), n_val=n_val, vocab=vocab)
+    return DataBundle(train_batches, held_out(test), info, val=held_out(val) if n_val else None)
