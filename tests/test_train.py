@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from dlfs_cli.config import DlfsError
+from dlfs_cli.evaluate import evaluate_run
 from dlfs_cli.train import train
 from tests.conftest import RUN_FILES, SMOKE
 
@@ -205,6 +206,8 @@ def test_eval_every_and_zero_epochs(make_cfg, tmp_path: Path) -> None:
     assert [r["epoch"] for r in rows if r["split"] == "test"] == ["2", "4", "5"]
     assert "val" not in {r["split"] for r in rows}
     assert not (tmp_path / "book" / "checkpoints" / "best.pt").exists()  # nothing to choose it on
+    with pytest.raises(DlfsError, match=r"no checkpoints/best.pt: .*data.val_fraction=0.*checkpoint=last"):
+        evaluate_run(tmp_path / "book", "best")
     metrics = train(make_cfg("trainer.epochs=0", "device=cpu", *NO_FIGURES), tmp_path / "b")
     assert metrics["test_mse"] > 100 and metrics["val_mse"] > 100  # an untrained model on prices in $1000s
     assert json.loads((tmp_path / "b" / "summary.json").read_text())["status"] == "completed"
