@@ -376,7 +376,7 @@ class ReproduceConfig:
 
     # experiment names to run, e.g. only=[book_boston,book_lstm_charmodel]; None: every target
     only: list[str] | None = None
-    # each experiment once per seed; the report gives mean +- std and passes on the mean
+    # each experiment once per seed; the report gives mean +- std, and the mean must lie in the band
     seeds: list[int] = field(default_factory=lambda: [0])
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps, for every run
     # tiny offline data (digits, a few batches), for tests: checks the machinery, the numbers mean nothing

@@ -2,8 +2,9 @@
 
 Each experiment of `conf/reproduce.yaml`'s targets is an ordinary `experiment/` preset, run once per
 seed with `train()` into a run folder of its own inside the reproduction's folder; then REPORT.md
-and report.json say, for every number the book printed, what this machine got and whether it is
-within the tolerance. Our improved presets run the same way for a second table.
+and report.json say, for every number the book printed, what this machine got and whether its mean
+lies in the band that the book's own code spans (each target's `reference`: that code re-run at
+several seeds). Our improved presets run the same way for a second table, placed against that band.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 from hydra import compose
 from omegaconf import DictConfig
 
+from dlfs_cli.config import Direction
 from dlfs_cli.errors import DlfsError, exit_code_of
 from dlfs_cli.runs import fmt
 from dlfs_cli.summary import Summary
@@ -36,6 +40,8 @@ FIGURES = {  # what REPORT.md shows of each model's run, in this order
     "tsne.png": "t-SNE of the test encodings (figure 7-4)",
     "random_codes.png": "random codes through the decoder (figure 7-5)",
 }
+NOT_COMPARED = "not compared"  # quick=true: tiny data, whose numbers say nothing about the book
+BEYOND, WITHIN, WORSE = "beyond the book", "within the book's band", "worse than the book"
 
 
 @dataclass
@@ -52,26 +58,73 @@ class SeedRun:
 
 @dataclass
 class Result:
-    """One experiment over its seeds, against one number of the book."""
+    """One experiment over its seeds, against the band of the book's own code for one of its numbers."""
 
     name: str
-    metric: str
-    book: float | None
-    tolerance: str | None  # "<= 20", ">= 0.965"
+    target: Any  # the Target (conf/reproduce.yaml) of this preset, or of the book preset it improves on
+    band: tuple[float, float]
     runs: list[SeedRun]
-    ours: float | None = None  # the mean over the seeds that completed
+    ours: float | None = None  # the mean over the seeds, once all of them completed
     std: float | None = None
-    passed: bool | None = None  # None: not run, or no tolerance
     status: str = "completed"  # or "not run: <reason>", "failed: <reason>"
+    verdict: str = ""  # yes | no (a book preset in its band); beyond the book | ... (improved); not compared; status
 
     @property
     def duration_s(self) -> float:
         return sum(r.duration_s for r in self.runs)
 
+    @property
+    def in_band(self) -> bool | None:
+        """Whether our mean lies in the band; None when not compared (quick, or runs that did not complete)."""
+        return {"yes": True, "no": False}.get(self.verdict)
+
+
+def band(values: Sequence[float], n: int, sigmas: float) -> tuple[float, float]:
+    """Where the mean of n runs of the book's code falls: the reference's mean +- sigmas standard errors of
+    the difference between a mean of n runs and the reference's own mean of len(values) runs."""
+    m, s = statistics.fmean(values), statistics.stdev(values)
+    half = sigmas * s * math.sqrt(1 / n + 1 / len(values))
+    return m - half, m + half
+
+
+def side(x: float, low_high: tuple[float, float]) -> int:
+    """-1 below the band, 0 inside it (ends included), 1 above it."""
+    return -1 if x < low_high[0] else 1 if x > low_high[1] else 0
+
+
+def check_targets(cfg: DictConfig) -> None:
+    """The reference of every target is consistent with itself: the yaml's mean and std are what its values
+    give (to the digits written there), one value per seed, and a direction to be better in."""
+    if not cfg.band_sigmas > 0:
+        raise DlfsError(f"band_sigmas: {cfg.band_sigmas} must be > 0")
+    for t in cfg.targets:
+        ref, values, where = t.reference, _values(t), f"targets: {t.experiment}'s reference"
+        if len(values) < 2 or len(ref.seeds) != len(values):
+            count = f"{len(ref.seeds)} seeds, {len(values)} values"
+            raise DlfsError(f"{where} needs one value per seed, and at least two ({count})")
+        if t.better not in (Direction.minimize, Direction.maximize):
+            raise DlfsError(f"targets: {t.experiment}'s better must be minimize or maximize, not {t.better.value}")
+        for key, actual in (("mean", statistics.fmean(values)), ("std", statistics.stdev(values))):
+            if not _agrees(ref[key], actual):
+                raise DlfsError(f"{where}.{key} {ref[key]:g} disagrees with its values, whose {key} is {actual:.4g}")
+
+
+def _values(target: Any) -> list[float]:
+    return list(target.reference["values"])  # by key: a DictConfig's .values is the mapping's method
+
+
+def _agrees(recorded: float, actual: float) -> bool:
+    """`recorded` is `actual` rounded to the digits it shows: 16.89 stands for 16.885 .. 16.895 (a whole
+    number for +- 0.5; 1e-12 of slack for the binary floats)."""
+    exponent = Decimal(repr(recorded)).normalize().as_tuple().exponent
+    last = min(exponent, 0) if isinstance(exponent, int) else 0
+    return abs(recorded - actual) <= 0.5 * 10.0**last + 1e-12 * abs(actual)
+
 
 def reproduce(cfg: DictConfig, out: Path) -> int:
     """Run the targets (and the improved presets) into `out`; write the report; the exit code."""
     start = time.monotonic()
+    check_targets(cfg)
     targets = list(cfg.targets)
     known = {t.experiment for t in targets}
     if cfg.only:
@@ -90,18 +143,15 @@ def reproduce(cfg: DictConfig, out: Path) -> int:
     report = _report_json(cfg, book, improved, time.monotonic() - start, out)
     write_atomic(out / REPORT_JSON, json.dumps(report, indent=2) + "\n")
     write_atomic(out / REPORT_MD, _report_md(cfg, report, book, improved, out))
-    _print(book, improved, out, report["duration_s"])
+    _print(cfg, book, improved, out, report["duration_s"])
     if cfg.quick:  # tiny data: the numbers mean nothing, only that everything ran
         return 0 if all(r.status == "completed" for r in book + improved) else 1
-    return 0 if all(r.passed for r in book) else 1
+    return 0 if all(r.in_band for r in book) else 1
 
 
 def _experiment(cfg: DictConfig, out: Path, name: str, target: Any) -> Result:
     runs = [_run(cfg, out, name, seed) for seed in cfg.seeds]
-    tolerance = f"<= {target.at_most:g}" if target.at_most is not None else None
-    if target.at_least is not None:
-        tolerance = f">= {target.at_least:g}"
-    result = Result(name, target.metric, target.book, tolerance, runs)
+    result = Result(name, target, band(_values(target), len(runs), cfg.band_sigmas), runs)
     done = [r.metrics[target.metric] for r in runs if r.status == "completed" and target.metric in r.metrics]
     bad = next((r for r in runs if r.status != "completed"), None)
     if bad is not None:
@@ -111,12 +161,15 @@ def _experiment(cfg: DictConfig, out: Path, name: str, target: Any) -> Result:
     if done:
         result.ours = statistics.fmean(done)
         result.std = statistics.stdev(done) if len(done) > 1 else None
-        if len(done) == len(runs) and tolerance is not None:
-            ok_max = target.at_most is None or result.ours <= target.at_most
-            ok_min = target.at_least is None or result.ours >= target.at_least
-            result.passed = ok_max and ok_min
-    if result.passed is None and not result.status.startswith("not run"):
-        result.passed = False if result.status != "completed" else None
+    if result.status != "completed" or result.ours is None:
+        result.verdict = result.status
+    elif cfg.quick:
+        result.verdict = NOT_COMPARED
+    elif name == target.experiment:
+        result.verdict = "no" if side(result.ours, result.band) else "yes"
+    else:  # an improved preset: on which side of the book's band
+        better = -1 if target.better == Direction.minimize else 1
+        result.verdict = {0: WITHIN, better: BEYOND, -better: WORSE}[side(result.ours, result.band)]
     return result
 
 
@@ -134,7 +187,8 @@ def _run(cfg: DictConfig, out: Path, name: str, seed: int) -> SeedRun:
         if "root" in child.data:
             child.data.root = cfg.data.root
         log.info("reproduce: %s seed %d -> %s", name, seed, run_dir)
-        metrics = train(child, run_dir)
+        # quick's tiny batches gain nothing from a second thread, and stall on it while other work holds a core
+        metrics = train(child, run_dir, threads=1 if cfg.quick else None)
         return SeedRun(seed, run_dir, "completed", metrics, time.monotonic() - t0)
     except DlfsError as ex:
         if exit_code_of(ex) != 2:  # a signal: stop the whole reproduction (the report is not written)
@@ -157,17 +211,29 @@ def _summary(run_dir: Path) -> Summary | None:
 
 def _report_json(cfg: DictConfig, book: list[Result], improved: list[Result], seconds: float, out: Path) -> dict:
     def entry(r: Result) -> dict[str, Any]:
-        first = r.runs[0].run_dir
+        t, ref, values = r.target, r.target.reference, _values(r.target)
         return {
             "name": r.name,
-            "metric": r.metric,
-            "book": r.book,
+            "metric": t.metric,
+            "better": t.better.value,
+            "book": t.book,
+            "book_in_band": side(t.book, r.band) == 0,
+            "band": {"low": r.band[0], "high": r.band[1]},
+            "band_sigmas": cfg.band_sigmas,
+            "reference": {
+                "script": ref.script,
+                "seeds": list(ref.seeds),
+                "values": values,
+                "mean": statistics.fmean(values),
+                "std": statistics.stdev(values),
+                "measured": ref.measured,
+            },
             "ours": r.ours,
             "std": r.std,
-            "tolerance": r.tolerance,
-            "pass": r.passed,
+            "in_band": r.in_band,
+            "verdict": r.verdict,
             "status": r.status,
-            "run_dir": str(first.relative_to(out)),
+            "run_dir": str(r.runs[0].run_dir.relative_to(out)),
             "duration_s": round(r.duration_s, 1),
             "seeds": [
                 {**asdict(run), "run_dir": str(run.run_dir.relative_to(out)), "duration_s": round(run.duration_s, 1)}
@@ -176,17 +242,16 @@ def _report_json(cfg: DictConfig, book: list[Result], improved: list[Result], se
         }
 
     by_name = {r.name: r for r in book}
-    pairs = []
-    for t in cfg.targets:
-        if t.improved and t.experiment in by_name:
-            imp = next((r for r in improved if r.name == t.improved), None)
-            if imp is not None:
-                pairs.append({"book_preset": t.experiment, **entry(imp)})
     return {
         "experiments": [entry(r) for r in book],
-        "improved": pairs,
-        "all_pass": all(r.passed for r in book) if book else False,
+        # each improved preset with its book preset's mean here (the table's "change")
+        "improved": [
+            {"book_preset": r.target.experiment, "book_preset_ours": by_name[r.target.experiment].ours, **entry(r)}
+            for r in improved
+        ],
+        "all_in_band": None if cfg.quick else bool(book) and all(r.in_band for r in book),
         "quick": bool(cfg.quick),
+        "band_sigmas": cfg.band_sigmas,
         "seeds": list(cfg.seeds),
         "duration_s": round(seconds, 1),
         "environment": _environment(book + improved),
@@ -216,55 +281,77 @@ def _fmt(x: float | None, std: float | None = None) -> str:
     return fmt(float(x), std, std_digits=2)
 
 
-def _verdict(r: Result) -> str:
-    if r.status != "completed":
-        return r.status
-    return {True: "pass", False: "FAIL", None: "-"}[r.passed]
+def _band(r: Result) -> str:
+    return f"{r.band[0]:.4g}-{r.band[1]:.4g}"
+
+
+def _book_in_band(r: Result) -> str:
+    return "yes" if side(r.target.book, r.band) == 0 else "no"
+
+
+def _change(base: Result, imp: Result) -> str:
+    """The improved preset's mean against the book preset's, here."""
+    if base.ours is None or imp.ours is None or base.ours == 0:
+        return "-"
+    return f"{imp.ours - base.ours:+.4g} ({(imp.ours / base.ours - 1) * 100:+.1f}%)"
 
 
 def _report_md(cfg: DictConfig, report: dict, book: list[Result], improved: list[Result], out: Path) -> str:
     env = report["environment"]
-    passed = sum(1 for r in book if r.passed)
+    n = len(report["seeds"])
+    if cfg.quick:
+        done = sum(r.status == "completed" for r in book + improved)
+        headline = f"**quick=true**: {done} of {len(book + improved)} presets ran to the end"
+    else:
+        in_band = sum(r.in_band is True for r in book)
+        headline = f"**{in_band} of {len(book)}** experiments in the band of the book's own code"
     lines = [
         "# Deep Learning from Scratch, chapter 7: reproduced",
         "",
-        f"`{env['command']}`, {env['date']}: **{passed} of {len(book)}** experiments within the book's "
-        f"tolerance, in {report['duration_s']:.0f} s.",
+        f"`{env['command']}`, {env['date']}: {headline}, in {report['duration_s']:.0f} s.",
+        "",
     ]
     if cfg.quick:
-        lines += ["", "**quick=true**: tiny offline data, a few batches: these numbers say nothing about the book."]
+        lines += [
+            "quick=true runs tiny offline data (digits, a few batches): these numbers say nothing about the "
+            "book and are not compared with it. Run `dlfs reproduce` without it for the comparison.",
+            "",
+        ]
     lines += [
+        f"Each band is where the mean of {n} seed(s) of the book's own code falls: the mean m and standard "
+        f"deviation s of that code re-run at the reference's seeds (`conf/reproduce.yaml`), "
+        f"m +- {cfg.band_sigmas:g} s sqrt(1/{n} + 1/n_reference). An experiment is in band when our mean over the "
+        "seeds lies inside it; *book in band?* says whether the number the book printed does.",
         "",
-        "| experiment | metric | book | ours | tolerance | result | seeds | duration |",
-        "|---|---|---|---|---|---|---|---|",
+        "| experiment | metric | book | band | book in band? | ours | in band | seeds | duration |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in book:
         lines.append(
-            f"| {r.name} | {r.metric} | {_fmt(r.book)} | {_fmt(r.ours, r.std)} | {r.tolerance or '-'} | "
-            f"{_verdict(r)} | {len(r.runs)} | {r.duration_s:.0f} s |"
+            f"| {r.name} | {r.target.metric} | {_fmt(r.target.book)} | {_band(r)} | {_book_in_band(r)} | "
+            f"{_fmt(r.ours, r.std)} | {r.verdict} | {len(r.runs)} | {r.duration_s:.0f} s |"
         )
-    if report["improved"]:
+    if improved:
         by_name = {r.name: r for r in book}
         lines += [
             "",
             "## Beyond the book",
             "",
             "The same models with settings of ours (each an `experiment/` preset you can run alone: "
-            "`dlfs train experiment=<preset>`), to show what the book's choices cost.",
+            "`dlfs train experiment=<preset>`), to show what the book's choices cost. An improved preset is "
+            f'"{BEYOND}" when its mean lies outside the book\'s band on the better side, "{WITHIN}" when inside, '
+            f'"{WORSE}" when outside on the other side.',
             "",
-            "| experiment | metric | book | book's settings, here | improved preset | improved | change | duration |",
-            "|---|---|---|---|---|---|---|---|",
+            "| experiment | metric | band | book's settings, here | improved preset | improved | change | verdict "
+            "| duration |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
-        for pair in report["improved"]:
-            base = by_name[pair["book_preset"]]
-            imp = next(r for r in improved if r.name == pair["name"])
-            change = "-"
-            if base.ours is not None and imp.ours is not None and base.ours != 0:
-                change = f"{imp.ours - base.ours:+.4g} ({(imp.ours / base.ours - 1) * 100:+.1f}%)"
+        for imp in improved:
+            base = by_name[imp.target.experiment]
             lines.append(
-                f"| {base.name} | {imp.metric} | {_fmt(base.book)} | {_fmt(base.ours, base.std)} | {imp.name} | "
-                f"{_fmt(imp.ours, imp.std) if imp.status == 'completed' else imp.status} | {change} | "
-                f"{imp.duration_s:.0f} s |"
+                f"| {base.name} | {imp.target.metric} ({imp.target.better.value}) | {_band(imp)} | "
+                f"{_fmt(base.ours, base.std)} | {imp.name} | {_fmt(imp.ours, imp.std)} | {_change(base, imp)} | "
+                f"{imp.verdict} | {imp.duration_s:.0f} s |"
             )
         lines += ["", "What each improved preset changes is written at the top of its file in `conf/experiment/`."]
     lines += ["", "## Figures", ""]
@@ -297,32 +384,46 @@ def _report_md(cfg: DictConfig, report: dict, book: list[Result], improved: list
         f"- date: {env['date']}",
         "",
         "Each experiment's runs are full run folders under this folder (`<experiment>/seed<N>/`); "
-        "`report.json` holds the same numbers.",
+        "`report.json` holds the same numbers, with each band's reference values.",
         "",
     ]
     return "\n".join(lines)
 
 
-def _print(book: list[Result], improved: list[Result], out: Path, seconds: float) -> None:
+STYLES = {"yes": "green", BEYOND: "green", "no": "red", WORSE: "red", WITHIN: "yellow", NOT_COMPARED: "dim"}
+
+
+def _print(cfg: DictConfig, book: list[Result], improved: list[Result], out: Path, seconds: float) -> None:
     from rich.table import Table
 
     from dlfs_cli.runs import table_console
 
+    def styled(verdict: str) -> str:
+        style = STYLES.get(verdict, "yellow")  # yellow: a run that did not complete
+        return f"[{style}]{verdict}[/{style}]"
+
     console = table_console()
-    table = Table()
-    for name in ["experiment", "metric", "book", "ours", "tolerance", "result", "duration_s"]:
-        table.add_column(name, justify="right" if name in ("book", "ours", "duration_s") else "left")
-    for r in book + improved:
-        verdict = _verdict(r)
-        style = {"pass": "green", "FAIL": "red"}.get(verdict, "yellow")
+    title = "quick=true: tiny data, not compared with the book" if cfg.quick else None
+    table = Table(title=title)
+    for name in ["experiment", "metric", "book", "band", "book in band?", "ours", "in band", "seeds", "duration_s"]:
+        table.add_column(name, justify="right" if name in ("book", "band", "ours", "duration_s") else "left")
+    for r in book:
         table.add_row(
-            r.name,
-            r.metric,
-            _fmt(r.book) if r in book else "",
-            _fmt(r.ours, r.std),
-            r.tolerance or "" if r in book else "",
-            f"[{style}]{verdict}[/{style}]" if r in book else ("" if r.status == "completed" else r.status),
-            f"{r.duration_s:.0f}",
-        )
+            r.name, r.target.metric, _fmt(r.target.book), _band(r), _book_in_band(r), _fmt(r.ours, r.std),
+            styled(r.verdict), str(len(r.runs)), f"{r.duration_s:.0f}",
+        )  # fmt: skip
     console.print(table)
+    if improved:
+        by_name = {r.name: r for r in book}
+        table = Table(title="beyond the book")
+        for name in ["improved preset", "metric", "book's band", "book's settings", "improved", "change", "verdict"]:
+            table.add_column(name, justify="left" if name in ("improved preset", "metric", "verdict") else "right")
+        table.add_column("duration_s", justify="right")
+        for imp in improved:
+            base = by_name[imp.target.experiment]
+            table.add_row(
+                imp.name, imp.target.metric, _band(imp), _fmt(base.ours, base.std), _fmt(imp.ours, imp.std),
+                _change(base, imp), styled(imp.verdict), f"{imp.duration_s:.0f}",
+            )  # fmt: skip
+        console.print(table)
     console.print(f"report: {out / REPORT_MD} ({seconds:.0f} s)", highlight=False)
