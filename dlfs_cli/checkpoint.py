@@ -44,7 +44,7 @@ class Checkpoint:
     epoch: int = 0  # epochs completed
     batch_in_epoch: int = 0  # batches done in the epoch under way (0 between epochs)
     step: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)  # the latest held-out metrics
+    metrics: dict[str, float] = field(default_factory=dict)  # the latest val_* metrics, and test_* once measured
     best_loss: float = float("inf")  # the lowest validation loss so far (best.pt's; older runs: test loss)
     best_epoch: int | None = None  # the epoch best.pt was saved at
     evals_since_best: int = 0  # evaluations since the validation loss last improved (early stopping)

@@ -194,7 +194,7 @@ class TextDataConfig(DataConfig):
     sequence_length: int = 25  # characters per row of a batch (the chapter text's 25; the notebook's 50)
     # streams: batch_size contiguous streams, each row's state carried | book: the notebook's windows
     batching: Batching = Batching.streams
-    train_fraction: float = 0.8  # the first 80% of the text trains, the rest is held out (the book's split)
+    train_fraction: float = 0.8  # the first 80% of the text is the training part, the rest the test split (the book's)
     # (the validation text is the last val_fraction of the training part, just before the test text)
     # zeros: each held-out window or stream starts from a zero state | carried: from the state carried
     # out of training, the batch mean (the book's evaluation, batching=book only)

@@ -29,7 +29,7 @@ from dlfs_cli.trainer import Diverged, Trainer, metric_names
 def train(
     cfg: DictConfig, run_dir: Path, state: Checkpoint | None = None, threads: int | None = None, live: bool = True
 ) -> dict[str, float]:
-    """Run one training run into `run_dir`, or continue it from `state`; returns the final held-out metrics.
+    """Run one training run into `run_dir`, or continue it from `state`; returns the final metrics (val_*, test_*).
 
     threads: CPU threads for torch (a sweep's parallel jobs share the cores); live: a progress bar.
     SIGINT, SIGTERM and SIGHUP stop it at the next safe point in any phase (see lifecycle.py)."""

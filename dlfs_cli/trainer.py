@@ -1,4 +1,4 @@
-"""The one training loop: train, evaluate on the held-out split, record, checkpoint."""
+"""The one training loop: train, evaluate (validation; test at the end), record, checkpoint."""
 
 from __future__ import annotations
 
