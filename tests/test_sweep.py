@@ -186,10 +186,11 @@ def test_tensorboard_logger_writes_events_that_tensorboard_reads(make_cfg, tmp_p
     train(make_cfg(*SMOKE, "logger=tensorboard"), tmp_path / "run")
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
-    rows = [r for r in read_csv(tmp_path / "run" / "metrics.csv") if r["split"] == "test"]
-    logged = events.Scalars("test/mse")
-    assert [e.step for e in logged] == [int(r["step"]) for r in rows]
-    assert [e.value for e in logged] == pytest.approx([float(r["mse"]) for r in rows], rel=1e-5)
+    for split in ("val", "test"):  # both splits, each under its own name
+        rows = [r for r in read_csv(tmp_path / "run" / "metrics.csv") if r["split"] == split]
+        logged = events.Scalars(f"{split}/mse")
+        assert rows and [e.step for e in logged] == [int(r["step"]) for r in rows]
+        assert [e.value for e in logged] == pytest.approx([float(r["mse"]) for r in rows], rel=1e-5)
     assert {"train/loss", "train/lr"} <= set(events.Tags()["scalars"])
 
 
