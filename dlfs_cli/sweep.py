@@ -5,7 +5,8 @@
 - Parallel jobs share the cores: each job gets cores / (jobs at a time) threads (`job_threads`),
   and with device=cuda the visible GPUs, one job after another (`job_gpu`).
 - When the sweep ends, summary.csv at the sweep folder's root has one row per job, and the same
-  table is printed ranked by `sweep.metric`, with the seeds of one setting aggregated (`summarize`).
+  table is printed ranked by `sweep.metric`, with the seeds of one setting aggregated (`summarize`);
+  sweep.png beside it draws the metric against each swept parameter and the jobs' curves.
 
 No torch here: the sweep's own process only reads the jobs' files.
 """
@@ -36,6 +37,7 @@ log = logging.getLogger("dlfs")
 
 SUMMARY_CSV = "summary.csv"
 SEEDS_CSV = "summary_seeds.csv"
+SWEEP_PNG = "sweep.png"  # sweep_figure.py
 STOP_FILE = ".stop"  # in the sweep folder while a signal stops the sweep: jobs that see it do not start
 
 
@@ -219,9 +221,23 @@ def summarize(sweep: SweepFolder, print_tables: bool = True) -> list[Run]:
             [*g["setting"].values(), g["n"], *(csv_cell(g[m][i]) for m in metrics for i in (0, 1))] for g in groups
         ]
         _write_csv(sweep.path / SEEDS_CSV, seed_header, seed_rows)
+    picture = _draw(jobs, sweep.metric, sweep.path / SWEEP_PNG)
     if print_tables:
         _print(sweep, ranked, groups, metrics, direction)
+        if picture is not None:
+            table_console().print(f"picture: {picture}", highlight=False)
     return [r for r in jobs if r.status != "completed"]
+
+
+def _draw(jobs: list[Run], metric: str, path: Path) -> Path | None:
+    """sweep.png: a by-product, like a run's figures: one that fails is reported and the sweep goes on."""
+    from dlfs_cli.sweep_figure import draw_sweep  # matplotlib: only when the sweep has ended
+
+    try:
+        return draw_sweep(jobs, metric, path)
+    except Exception as ex:  # noqa: BLE001
+        log.warning("%s could not be drawn: %s: %s", path.name, type(ex).__name__, ex)
+        return None
 
 
 def _job_folders(root: Path) -> list[Path]:

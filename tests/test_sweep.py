@@ -70,6 +70,8 @@ def test_a_sweep_ends_with_summary_csv_ranked_by_the_metric(seed_sweep) -> None:
     table = [line for line in out.stdout.splitlines() if line.startswith("│") and "completed" in line]
     assert [line.split("│")[2].strip() for line in table[:4]] == [r["job"] for r in ranked]
     assert "best first by val_loss (lowest)" in out.stdout and "test_loss" in out.stdout
+    # and its picture: the metric against optimizer.lr (the seeds as error bars) and the jobs' curves
+    assert (sweep / "sweep.png").read_bytes().startswith(b"\x89PNG") and "picture: sweep/sweep.png" in out.stdout
 
 
 @on_the_sweeps_worker
@@ -197,3 +199,24 @@ def test_tensorboard_logger_writes_events_that_tensorboard_reads(make_cfg, tmp_p
 def test_the_csv_logger_writes_no_event_files(make_cfg, tmp_path: Path) -> None:
     train(make_cfg(*SMOKE), tmp_path / "run")
     assert not (tmp_path / "run" / "tensorboard").exists()
+
+
+def test_sweep_png_draws_words_and_numbers_and_nothing_without_the_metric(tmp_path: Path) -> None:
+    """A categorical parameter gets a place per value, a numeric one its value; jobs that lack the ranking
+    metric (all failed, or another metric named) give no picture rather than an empty one."""
+    from dlfs_cli.runs import Run
+    from dlfs_cli.summary import Summary
+    from dlfs_cli.sweep_figure import draw_sweep
+
+    jobs = []
+    for i, (act, lr) in enumerate([("tanh", "0.1"), ("relu", "0.1"), ("tanh", "0.01"), ("relu", "0.01")]):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        (folder / "metrics.csv").write_text(
+            "epoch,step,split,lr,loss,elapsed_s\n1,5,train,0.1,3.0,1\n1,5,val,0.1,2.5,1\n2,10,train,0.1,2.0,2\n"
+        )
+        summary = Summary().update(status="completed", metrics={"val_loss": 1.0 + i})
+        jobs.append(Run(folder, summary, {"model.activation": act, "optimizer.lr": lr}, i))
+    path = draw_sweep(jobs, "val_loss", tmp_path / "sweep.png")
+    assert path is not None and path.read_bytes().startswith(b"\x89PNG") and path.stat().st_size > 10_000
+    assert draw_sweep(jobs, "val_accuracy", tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
