@@ -278,6 +278,13 @@ def _runs_command(args: list[str]) -> None:
         _start("runs", _runs_app, args)
 
 
+def _diff_command(args: list[str]) -> None:
+    from dlfs_cli.diff import diff  # not a Hydra app: argparse's arguments, and no torch
+
+    with _one_line_errors():
+        diff(args)
+
+
 def _run_hydra_app(command: str, app: Callable[[], object], args: list[str]) -> None:
     args = prepare_overrides(args, multirun=_is_multirun(args))
     with _one_line_errors():
@@ -331,6 +338,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "generate": (_generate_command, "sample text from a trained lstm_charmodel run: dlfs generate run=<folder>"),
     "reproduce": (_reproduce_command, "re-run the book's chapter-7 table and compare: dlfs reproduce [quick=true]"),
     "runs": (_runs_command, "list past runs and sweep jobs as a table: dlfs runs [PATH] [--model M] [--sort KEY]"),
+    "diff": (_diff_command, "compare two run folders (config, metrics): dlfs diff RUN_A RUN_B [--plot FILE.png]"),
 }
 
 
