@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, cast
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -70,7 +70,9 @@ def _train_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> float | None:
         from dlfs_cli.train import train
 
         threads, live = (sweep.job_threads(), sweep.in_process()) if multirun else (None, True)
-        metrics = train(cfg, run_dir, threads=threads, live=live)
+        if FROM_RUN:
+            _check_from_run(cfg, FROM_RUN[0])
+        metrics = train(cfg, run_dir, threads=threads, live=live, from_run=FROM_RUN[0] if FROM_RUN else None)
     except (DlfsError, OSError) as ex:
         if isinstance(ex, OSError):  # a file the run could not read or write: one line naming it
             ex = DlfsError(os_error_message(ex))
@@ -231,6 +233,7 @@ def _train_command(args: list[str]) -> None:
     follows its jobs, also when the sweep ends early; under torchrun the ranks' group is closed at the end."""
     lifecycle.install_for_process()  # SIGINT, SIGTERM, SIGHUP: stop at a safe point, from here to the exit
     multirun = _is_multirun(args)
+    args = _from_run(args)
     args = prepare_overrides(args, multirun=multirun)
     if multirun and any(a in args for a in ("--cfg", "-c", "--info", "-i")):
         _fail("--cfg and --info show one job's config: use them without -m")
@@ -396,6 +399,73 @@ def _did_you_mean(ex: OmegaConfBaseException) -> str:
         return ""
     close = difflib.get_close_matches(key, [str(k) for k in parent.keys()], n=1)
     return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(map(str, parent.keys()))})"
+
+
+FROM_RUN: list[Path] = []  # dlfs train from=PATH: the run this one starts from (train() records it)
+
+
+def _from_run(args: list[str]) -> list[str]:
+    """from=PATH: a new run, in a folder of its own, from an earlier run's config. Hydra composes the config
+    as it did for that run, from its recorded command-line overrides, then the ones given now (later wins)."""
+    FROM_RUN.clear()  # a command before this one in the same process (tests, scripts) may have set it
+    values = [a.partition("=")[2] for a in args if a.startswith("from=")]
+    if not values:
+        return args
+    rest = [a for a in args if not a.startswith("from=")]
+    raw = values[-1]
+    path = Path(raw[1:-1] if raw[:1] in ("'", '"') and raw[-1:] == raw[:1] else raw)
+    recorded = path / ".hydra" / "overrides.yaml"
+    if not raw:
+        _fail("from is empty: give the run folder to start from, e.g. from=outputs/boston/<timestamp>")
+    if not path.is_dir():
+        _fail(f"from={path}: no such folder")
+    if not (path / "config.yaml").is_file() or not recorded.is_file():
+        _fail(f"from={path}: not a dlfs run folder (it needs config.yaml and .hydra/overrides.yaml)")
+    if any(a.lstrip("+").startswith("resume=") for a in rest):
+        _fail("from= starts a new run from another's config, resume= continues a run: give one of them")
+    import yaml
+
+    try:
+        overrides = [str(o) for o in yaml.safe_load(recorded.read_text(encoding="utf-8")) or []]
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as ex:
+        _fail(f"from={path}: cannot read {recorded}: {' '.join(str(ex).split())[:160]}")
+    # where that run was written, and how it was continued, are not part of what it was; a key given now
+    # replaces its recorded value (Hydra would take the later one too, but overrides.yaml stays readable)
+    given = {a.lstrip("+~").partition("=")[0] for a in rest if "=" in a and not a.startswith("-")}
+    kept = [
+        o
+        for o in overrides
+        if not o.lstrip("+~").startswith(("hydra.", "resume=", "from="))
+        and o.lstrip("+~").partition("=")[0] not in given
+    ]
+    FROM_RUN[:] = [path.resolve()]
+    return [*kept, *rest]
+
+
+def _check_from_run(cfg: DictConfig, source: Path) -> None:
+    """Keys this run takes from today's defaults where the source run had other values (the defaults moved
+    since it ran): said, not silently changed."""
+    from dlfs_cli.config import typed_config
+    from dlfs_cli.diff import flatten
+
+    def plain(config: DictConfig) -> dict[str, Any]:
+        return flatten(cast(dict[str, Any], OmegaConf.to_container(config, resolve=True, enum_to_str=True)))
+
+    saved, now = plain(typed_config(OmegaConf.load(source / "config.yaml"))), plain(cfg)
+    from dlfs_cli.tracking import log
+
+    given = [o.lstrip("+~").partition("=")[0] for o in HydraConfig.get().overrides.task]  # recorded and new
+    if "experiment" in given:
+        return  # a preset sets many keys at once: every difference may be asked for
+    moved = [
+        k
+        for k in sorted(set(saved) | set(now))
+        if saved.get(k) != now.get(k) and not any(k == c or k.startswith(f"{c}.") for c in given)
+    ]
+    if moved:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in moved[:5])
+        more = f" and {len(moved) - 5} more" if len(moved) > 5 else ""
+        log.warning("from=%s: the defaults changed since that run; today's are used for %s%s", source, shown, more)
 
 
 def _run_dir_for_resume(args: list[str]) -> list[str]:

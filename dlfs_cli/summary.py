@@ -44,6 +44,7 @@ class Summary:
     duration_s: float | None = None  # seconds spent by every process that trained it, resumes included
     parameters: int | None = None  # the model's parameter count
     step: int | None = None  # optimizer steps, as far as last.pt goes
+    from_run: str | None = None  # dlfs train from=PATH: the run whose config this one started from
     best: dict[str, Any] | None = None  # best.pt: epoch, step and val_loss of the lowest validation loss
     stopped_early: dict[str, Any] | None = None  # early stopping ended the run: epoch, best_epoch, reason
     figures: list[str] | None = None  # the figures drawn, relative to the run folder

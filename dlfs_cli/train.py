@@ -27,11 +27,17 @@ from dlfs_cli.trainer import Diverged, Trainer, metric_names
 
 
 def train(
-    cfg: DictConfig, run_dir: Path, state: Checkpoint | None = None, threads: int | None = None, live: bool = True
+    cfg: DictConfig,
+    run_dir: Path,
+    state: Checkpoint | None = None,
+    threads: int | None = None,
+    live: bool = True,
+    from_run: Path | None = None,
 ) -> dict[str, float]:
     """Run one training run into `run_dir`, or continue it from `state`; returns the final metrics (val_*, test_*).
 
-    threads: CPU threads for torch (a sweep's parallel jobs share the cores); live: a progress bar.
+    threads: CPU threads for torch (a sweep's parallel jobs share the cores); live: a progress bar;
+    from_run: the run whose config this one started from (dlfs train from=PATH), recorded in summary.json.
     SIGINT, SIGTERM and SIGHUP stop it at the next safe point in any phase (see lifecycle.py)."""
     with lifecycle.stop_signals():
         validate(cfg)
@@ -53,6 +59,8 @@ def train(
         # Everything above can refuse the config; only now does the run folder get its files.
         start = time.time()
         run = _open_run(cfg, run_dir, state, device, world, model, data.info, live)
+        if from_run is not None:
+            run.update_summary(from_run=str(from_run))
         trainer = Trainer(trained, optimizer, scheduler, cfg.trainer, cfg.loss.name, device, run, identity, world)
         duration_before = (run.summary.duration_s or 0.0) if state is not None else 0.0
         status, hint = "failed", f". Resume with: dlfs train resume={run_dir}"

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dlfs_cli.config import conf_dir
 from tests.conftest import RUN_FILES, run_dlfs
@@ -102,3 +103,31 @@ def test_two_runs_started_together_get_two_folders(tmp_path: Path) -> None:
 def test_python_m_and_info(tmp_path: Path) -> None:
     out = run_dlfs("train", "--info", cwd=tmp_path)
     assert out.returncode == 0 and "Config search path" in out.stdout
+
+
+def test_from_starts_a_new_run_from_an_earlier_runs_config(run_here, tmp_path: Path) -> None:
+    """dlfs train from=RUN KEY=VALUE: that run's command-line choices, then these; a folder of its own; the
+    source recorded in summary.json and left as it was."""
+    source = ["model=boston", "trainer.epochs=2", "trainer.limit_batches=3", "optimizer.lr=0.02", "seed=3"]
+    out = run_here("train", *source, "figures.enabled=false", "device=cpu", "hydra.run.dir=src", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    before = (tmp_path / "src" / "summary.json").read_text()
+    out = run_here("train", "from=src", "optimizer.lr=0.005", "hydra.run.dir=new", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    config = yaml.safe_load((tmp_path / "new" / "config.yaml").read_text())
+    assert config["optimizer"]["lr"] == 0.005 and config["seed"] == 3 and config["trainer"]["limit_batches"] == 3
+    assert config["figures"]["enabled"] is False  # every recorded choice, not only the model's
+    summary = json.loads((tmp_path / "new" / "summary.json").read_text())
+    assert summary["from_run"] == str((tmp_path / "src").resolve()) and summary["status"] == "completed"
+    assert (tmp_path / "src" / "summary.json").read_text() == before
+    assert "optimizer.lr=0.02" not in (tmp_path / "new" / ".hydra" / "overrides.yaml").read_text()
+    again = run_here("train", "trainer.epochs=0", "device=cpu", "hydra.run.dir=plain", cwd=tmp_path)
+    assert again.returncode == 0 and "from_run" not in json.loads((tmp_path / "plain" / "summary.json").read_text())
+    (tmp_path / "notarun").mkdir()
+    for args, message in (
+        (["from=nowhere"], "from=nowhere: no such folder"),
+        (["from=notarun"], "from=notarun: not a dlfs run folder"),
+        (["from=src", "resume=src"], "give one of them"),
+    ):
+        out = run_here("train", *args, cwd=tmp_path)
+        assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1
