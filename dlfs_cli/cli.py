@@ -439,7 +439,8 @@ def _from_run(args: list[str]) -> list[str]:
         and o.lstrip("+~").partition("=")[0] not in given
     ]
     FROM_RUN[:] = [path.resolve()]
-    return [*kept, *rest]
+    at = args.index(next(a for a in args if a.startswith("from=")))  # among the overrides, after any option
+    return [*rest[:at], *kept, *rest[at:]]
 
 
 def _check_from_run(cfg: DictConfig, source: Path) -> None:

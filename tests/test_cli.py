@@ -121,6 +121,11 @@ def test_from_starts_a_new_run_from_an_earlier_runs_config(run_here, tmp_path: P
     assert summary["from_run"] == str((tmp_path / "src").resolve()) and summary["status"] == "completed"
     assert (tmp_path / "src" / "summary.json").read_text() == before
     assert "optimizer.lr=0.02" not in (tmp_path / "new" / ".hydra" / "overrides.yaml").read_text()
+    out = run_here("train", "-m", "from=src", "optimizer.lr=0.01,0.005", "hydra.sweep.dir=sw", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr  # a sweep from it: each job with the recorded choices
+    for job, lr in (("0", 0.01), ("1", 0.005)):
+        config = yaml.safe_load((tmp_path / "sw" / job / "config.yaml").read_text())
+        assert config["optimizer"]["lr"] == lr and config["seed"] == 3
     again = run_here("train", "trainer.epochs=0", "device=cpu", "hydra.run.dir=plain", cwd=tmp_path)
     assert again.returncode == 0 and "from_run" not in json.loads((tmp_path / "plain" / "summary.json").read_text())
     (tmp_path / "notarun").mkdir()
