@@ -417,6 +417,9 @@ class TrainConfig:
     # every random draw of a run: initial weights, data order, dropout (dlfs train -m seed=1,2,3)
     seed: int = 0
     logger: Logger = Logger.csv  # csv: metrics.csv | tensorboard: also event files in <run>/tensorboard/
+    # print the composed config as a tree before training (it is in the run's config.yaml either way;
+    # dlfs train --cfg job shows it without training)
+    verbose: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     # a run folder: continue it from its checkpoints/last.pt, with its own config (dlfs train resume=PATH)
     resume: str | None = None

@@ -165,7 +165,8 @@ def _open_run(
     columns = metric_names(cfg.loss.name, sequence=info.vocab is not None)
     run.start(cfg, fields, columns, resume_step=None if state is None else state.step)
     if world.main:
-        print_config_tree(cfg)
+        if cfg.verbose:
+            print_config_tree(cfg)
     else:
         for handler in logging.getLogger().handlers:  # the console: rank 0 speaks for the run
             handler.setLevel(logging.WARNING)

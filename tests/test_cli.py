@@ -136,3 +136,11 @@ def test_from_starts_a_new_run_from_an_earlier_runs_config(run_here, tmp_path: P
     ):
         out = run_here("train", *args, cwd=tmp_path)
         assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_the_config_tree_is_shown_on_request_only(run_here, tmp_path: Path) -> None:
+    quiet = run_here("train", "trainer.epochs=0", "device=cpu", "hydra.run.dir=a", cwd=tmp_path)
+    loud = run_here("train", "trainer.epochs=0", "device=cpu", "verbose=true", "hydra.run.dir=b", cwd=tmp_path)
+    assert quiet.returncode == loud.returncode == 0
+    assert "── optimizer" not in quiet.stdout + quiet.stderr
+    assert "── optimizer" in loud.stdout + loud.stderr

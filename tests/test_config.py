@@ -19,7 +19,7 @@ COMPLETE = {("scheduler", "exponential"): ["scheduler.gamma=0.9"]}
 
 def test_groups_mirror_the_schemas() -> None:
     assert set(GROUPS) == set(SCHEMAS) | {"experiment"}
-    top_level = {"device", "figures", "resume", "seed", "logger", "sweep"}
+    top_level = {"device", "figures", "resume", "seed", "logger", "sweep", "verbose"}
     assert {f.name for f in dataclasses.fields(TrainConfig)} == set(SCHEMAS) | top_level
 
 

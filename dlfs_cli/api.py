@@ -1,0 +1,135 @@
+"""dlfs from Python, for scripts and notebooks: train from the same overrides as `dlfs train`, read run
+folders back (config, summary, metrics rows, the model with its weights), list runs.
+
+    from dlfs_cli import api
+
+    run = api.train("model=boston", "optimizer.lr=0.01", run_dir="outputs/demo")
+    run.metrics["val_loss"], run.history()[-1], run.model()
+    [r.summary.status for r in api.runs("outputs")]
+
+Errors are DlfsError with the CLI's one-line messages (an unknown key, a folder that holds a run).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from dlfs_cli.config import conf_dir, register_configs, typed_config, validate
+from dlfs_cli.errors import DlfsError
+from dlfs_cli.runs import find_runs
+from dlfs_cli.summary import Summary
+from dlfs_cli.tracking import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Run", "compose_config", "load_run", "runs", "train"]
+
+
+@dataclass
+class Run:
+    """A run folder, read back: what `dlfs train` wrote there."""
+
+    path: Path
+    config: DictConfig | None  # the resolved config, typed (None: a sweep job refused before it trained)
+    summary: Summary
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The final metrics: val_* (validation) and test_* (test split)."""
+        return self.summary.metrics or {}
+
+    def history(self) -> list[dict[str, Any]]:
+        """metrics.csv's rows (split train | val | test), numbers as numbers and missing cells as None."""
+        with open(self.path / METRICS_FILE, newline="") as f:
+            return [{k: _number(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+    def model(self, checkpoint: str = "last", device: str = "cpu") -> torch.nn.Module:
+        """The trained model with the weights of checkpoints/<checkpoint>.pt, in eval mode."""
+        import torch
+
+        from dlfs_cli.checkpoint import load_run_model
+
+        model, _, _ = load_run_model(self.path, checkpoint, torch.device(device), _data_info)
+        return model.eval()
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    """The config `dlfs train OVERRIDES` would train with, composed and checked."""
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="train"):
+            cfg = compose(config_name="train", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as ex:
+        from dlfs_cli.cli import explain  # the CLI's one line, "did you mean" included
+
+        raise DlfsError(explain(ex)) from None
+    validate(cfg)
+    return cfg
+
+
+def train(*overrides: str, run_dir: str | Path | None = None, progress: bool = False) -> Run:
+    """Train as `dlfs train OVERRIDES` does, into `run_dir` (default: outputs/<model>/<timestamp>, or under
+    $DLFS_OUTPUTS), a new or empty folder; returns the run, read back. progress: a live progress bar."""
+    from dlfs_cli import runlock
+    from dlfs_cli.train import train as train_run  # torch: only when something trains
+
+    cfg = compose_config(*overrides)
+    if run_dir is None:
+        stamp = time.strftime("%Y-%m-%d_%H-%M-%S") + f"_{time.time_ns() // 1000 % 1_000_000:06d}"
+        run_dir = Path(os.environ.get("DLFS_OUTPUTS", "outputs")) / cfg.model.name / stamp
+    folder = Path(run_dir)
+    runlock.check_new_folder(folder, "run_dir")  # never into a run, or a folder of the user's own
+    train_run(cfg, folder, live=progress)
+    return load_run(folder)
+
+
+def load_run(path: str | Path) -> Run:
+    """A run folder: its summary.json and config.yaml."""
+    folder = Path(path)
+    if not (folder / SUMMARY_FILE).is_file():
+        raise DlfsError(f"{folder}: not a run folder (no {SUMMARY_FILE})")
+    try:
+        summary = Summary.load(folder / SUMMARY_FILE)
+    except (OSError, ValueError) as ex:
+        raise DlfsError(f"{folder / SUMMARY_FILE}: unreadable ({ex})") from None
+    config = typed_config(OmegaConf.load(folder / CONFIG_FILE)) if (folder / CONFIG_FILE).is_file() else None
+    return Run(folder, config, summary)
+
+
+def runs(root: str | Path = "outputs") -> list[Run]:
+    """Every run folder under `root` (as `dlfs runs` finds them), oldest first."""
+    found = [load_run(r.path) for r in find_runs(Path(root)) if (r.path / SUMMARY_FILE).is_file()]
+    return sorted(found, key=lambda r: (r.summary.started_at or "", str(r.path)))
+
+
+def _number(key: str, cell: str | None) -> Any:
+    if cell is None or cell == "":
+        return None
+    if key == "split":
+        return cell
+    number = float(cell)
+    return int(number) if key in ("epoch", "step") else number
+
+
+def _data_info(cfg: DictConfig, state: Any) -> Any:
+    """What sizes the model, from the config and the checkpoint alone: no data is read."""
+    from dlfs_cli.data import DataInfo
+    from dlfs_cli.data.boston import NUM_COLUMNS
+
+    name = cfg.data.name
+    if name == "boston":
+        return DataInfo(name=name, source="", n_train=0, n_test=0, num_features=NUM_COLUMNS - 1)
+    if name == "text":
+        return DataInfo(name=name, source="", n_train=0, n_test=0, vocab=state.vocab)
+    return DataInfo(name=name, source="", n_train=0, n_test=0, image_shape=(1, 28, 28), num_classes=10)

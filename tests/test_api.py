@@ -1,0 +1,67 @@
+"""dlfs_cli.api: training, reading back and listing runs from Python; and the README's example, as a script."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dlfs_cli import api
+from dlfs_cli.errors import DlfsError
+
+QUICK = ("trainer.epochs=2", "trainer.limit_batches=3", "device=cpu", "figures.enabled=false")
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_train_reads_back_its_run(tmp_path: Path) -> None:
+    run = api.train("model=boston", "optimizer.lr=0.02", *QUICK, run_dir=tmp_path / "run")
+    assert run.summary.status == "completed" and run.config is not None and run.config.optimizer.lr == 0.02
+    assert {"val_loss", "test_loss"} <= set(run.metrics)
+    rows = run.history()
+    assert [r["split"] for r in rows][-2:] == ["val", "test"] and rows[-1]["loss"] == pytest.approx(
+        run.metrics["test_loss"], rel=1e-5
+    )
+    assert isinstance(rows[0]["step"], int) and rows[0]["accuracy" if "accuracy" in rows[0] else "mse"] is None
+    weights = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    model = run.model()
+    assert not model.training and all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    best = run.model("best")
+    assert isinstance(best, torch.nn.Module)
+
+
+def test_models_of_every_kind_load_without_their_data(tmp_path: Path) -> None:
+    """The model is sized from the config and the checkpoint (the text's vocabulary), not by reading data."""
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be " * 40)
+    run = api.train("model=lstm_charmodel", f"data.path={text}", "model.hidden_size=8", *QUICK, run_dir=tmp_path / "l")
+    assert run.model().vocab_size == len(set(text.read_text()))
+    digits = api.train("model=mnist_cnn", "data=digits", *QUICK, run_dir=tmp_path / "d")
+    assert digits.model()(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+
+
+def test_runs_lists_them_and_errors_are_the_clis(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        api.train(*QUICK, "trainer.epochs=1", run_dir=tmp_path / "outputs" / name)
+    assert [r.path.name for r in api.runs(tmp_path / "outputs")] == ["a", "b"]
+    with pytest.raises(DlfsError, match="already holds a run"):
+        api.train(*QUICK, run_dir=tmp_path / "outputs" / "a")
+    with pytest.raises(DlfsError, match="did you mean 'epochs'"):
+        api.compose_config("trainer.epocs=3")
+    with pytest.raises(DlfsError, match="optimizer.lr"):
+        api.compose_config("optimizer.lr=-1")
+    with pytest.raises(DlfsError, match="not a run folder"):
+        api.load_run(tmp_path)
+
+
+@pytest.mark.slow
+def test_the_readmes_python_example_runs_as_a_script(tmp_path: Path) -> None:
+    block = re.search(r"## Python.*?```python\n(.*?)```", README.read_text(), re.S)
+    assert block is not None, "README: no ```python block under '## Python'"
+    (tmp_path / "example.py").write_text(block.group(1))
+    out = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "mean test_mse over 3 seeds" in out.stdout
