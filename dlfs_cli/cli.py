@@ -281,6 +281,13 @@ def _runs_command(args: list[str]) -> None:
         _start("runs", _runs_app, args)
 
 
+def _completion_command(args: list[str]) -> None:
+    from dlfs_cli.completion import completion  # no torch: it answers every Tab
+
+    with _one_line_errors():
+        completion(args, list(COMMANDS))
+
+
 def _diff_command(args: list[str]) -> None:
     from dlfs_cli.diff import diff  # not a Hydra app: argparse's arguments, and no torch
 
@@ -342,6 +349,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "reproduce": (_reproduce_command, "re-run the book's chapter-7 table and compare: dlfs reproduce [quick=true]"),
     "runs": (_runs_command, "list past runs and sweep jobs as a table: dlfs runs [PATH] [--model M] [--sort KEY]"),
     "diff": (_diff_command, "compare two run folders (config, metrics): dlfs diff RUN_A RUN_B [--plot FILE.png]"),
+    "completion": (_completion_command, 'tab completion for your shell: eval "$(dlfs completion bash)" (zsh, fish)'),
 }
 
 
@@ -532,6 +540,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"dlfs {__version__}")
         return
     command, rest = args[0], args[1:]
+    if command in ("-sc", "--shell-completion") and rest[:1] and rest[0].startswith("query="):
+        command, rest = "completion", ["query"]  # Hydra's completion, installed with dlfs train -sc install=...
     if command not in COMMANDS:
         if command.startswith("-") and any(a in COMMANDS for a in rest):
             _fail(f"put the command first, then its options: dlfs <command> {command} ...")

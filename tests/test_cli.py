@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -43,7 +44,9 @@ def test_cfg_job_prints_the_composed_config(run_here, tmp_path: Path) -> None:
     assert not (tmp_path / "outputs").exists()
 
 
-@pytest.mark.parametrize("args", [["--help"], ["train", "--cfg", "job"], ["train", "--help"], ["runs", "."]])
+@pytest.mark.parametrize(
+    "args", [["--help"], ["train", "--cfg", "job"], ["train", "--help"], ["runs", "."], ["completion", "query"]]
+)
 def test_commands_that_do_not_train_do_not_import_torch(tmp_path: Path, args: list[str]) -> None:
     script = f"""
 import sys
@@ -55,7 +58,8 @@ except SystemExit as ex:
 heavy = sorted(m for m in ("torch", "torchvision", "sklearn") if m in sys.modules)
 print("HEAVY", heavy)
 """
-    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    env = {**os.environ, "COMP_LINE": "dlfs train model=mnist_cnn trainer."}  # completion: a config composed
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert "HEAVY []" in out.stdout
 
