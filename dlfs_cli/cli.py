@@ -237,6 +237,7 @@ def _train_command(args: list[str]) -> None:
     args = prepare_overrides(args, multirun=multirun)
     if multirun and any(a in args for a in ("--cfg", "-c", "--info", "-i")):
         _fail("--cfg and --info show one job's config: use them without -m")
+    _resume_a_sweep(args)
     args = _run_dir_for_resume(args)
     if _under_torchrun():
         args = _join_the_world(args)
@@ -475,6 +476,29 @@ def _check_from_run(cfg: DictConfig, source: Path) -> None:
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in moved[:5])
         more = f" and {len(moved) - 5} more" if len(moved) > 5 else ""
         log.warning("from=%s: the defaults changed since that run; today's are used for %s%s", source, shown, more)
+
+
+def _resume_a_sweep(args: list[str]) -> None:
+    """resume=<sweep folder>: its unfinished jobs run again, then its summary; the command ends here."""
+    from dlfs_cli import sweep_resume
+
+    values = [a.partition("=")[2].strip("'\"") for a in args if a.lstrip("+").startswith("resume=")]
+    if not values or not sweep_resume.is_sweep_folder(Path(values[-1])):
+        return
+    folder = Path(values[-1])
+    if len(args) > 1:
+        _fail(f"resume={folder} finishes a sweep with its jobs' own settings: give no other arguments")
+    with _one_line_errors():
+        incomplete = sweep_resume.resume_sweep(folder)
+    if incomplete:
+        which = ", ".join(f"job {r.job} {r.status}" for r in incomplete)
+        code = lifecycle.exit_code()
+        message = f"{len(incomplete)} of the sweep's jobs did not complete ({which}); see {folder / sweep.SUMMARY_CSV}"
+        if code is not None:
+            print(f"dlfs: sweep interrupted: {message}", file=sys.stderr)
+            sys.exit(code)
+        _fail(message)
+    sys.exit(0)
 
 
 def _run_dir_for_resume(args: list[str]) -> list[str]:

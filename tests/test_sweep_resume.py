@@ -1,0 +1,70 @@
+"""dlfs train resume=<sweep folder>: the jobs that did not complete run again (from their last.pt when they
+have one), the completed ones are left alone, and the sweep's summary is made again."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+
+from dlfs_cli.data.boston import BUNDLED_CSV
+from dlfs_cli.train import train
+from dlfs_cli.trainer import Trainer
+
+QUICK = ["trainer.epochs=2", "device=cpu", "figures.enabled=false"]
+
+
+def status(job: Path) -> str:
+    return json.loads((job / "summary.json").read_text())["status"]
+
+
+def test_a_sweep_finishes_what_failed_or_was_interrupted(run_here, make_cfg, tmp_path: Path, monkeypatch) -> None:
+    """Job 0 is stopped at step 5 (last.pt kept), job 1 then never starts, job 2's data file is missing.
+    Once the file is there, resume=<sweep> continues job 0 exactly where it stopped, runs jobs 1 and 2 from
+    their recorded overrides, and summary.csv has all three completed."""
+    shutil.copy(BUNDLED_CSV, tmp_path / "good.csv")
+    original = Trainer._after_step
+
+    def stop_at_step_5(self, *args):
+        if self.step == 5 and not (tmp_path / "stopped").exists():
+            (tmp_path / "stopped").touch()
+            self.stop_signal = signal.SIGINT
+        original(self, *args)
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "_after_step", stop_at_step_5)
+        sweep_args = ["-m", "data.path=good.csv,good.csv,late.csv", "optimizer.lr=0.01", *QUICK, "hydra.sweep.dir=sw"]
+        out = run_here("train", *sweep_args, cwd=tmp_path)
+    assert out.returncode != 0
+    sweep = tmp_path / "sw"
+    assert [status(sweep / j) for j in "012"] == ["interrupted", "skipped", "skipped"]
+    assert torch.load(sweep / "0" / "checkpoints" / "last.pt", weights_only=True)["step"] == 5
+
+    shutil.copy(BUNDLED_CSV, tmp_path / "late.csv")
+    out = run_here("train", "resume=sw", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert [status(sweep / j) for j in "012"] == ["completed"] * 3
+    with open(sweep / "summary.csv", newline="") as f:
+        assert [r["status"] for r in csv.DictReader(f)] == ["completed"] * 3
+    assert (sweep / "sweep.png").exists()
+
+    straight = tmp_path / "straight"  # job 0, never stopped
+    train(make_cfg(f"data.path={tmp_path / 'good.csv'}", "optimizer.lr=0.01", *QUICK), straight)
+    a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(sweep / "0" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    before = (sweep / "0" / "summary.json").read_text()
+    out = run_here("train", "resume=sw", cwd=tmp_path)  # nothing left to do: completed jobs are left alone
+    assert out.returncode == 0 and (sweep / "0" / "summary.json").read_text() == before
+
+
+def test_resuming_a_sweep_takes_no_other_arguments(run_here, tmp_path: Path) -> None:
+    (tmp_path / "sw" / "0" / ".hydra").mkdir(parents=True)
+    (tmp_path / "sw" / "0" / ".hydra" / "overrides.yaml").write_text("- optimizer.lr=0.1\n")
+    out = run_here("train", "resume=sw", "trainer.epochs=5", cwd=tmp_path)
+    assert out.returncode == 2 and "give no other arguments" in out.stderr
