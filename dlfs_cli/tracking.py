@@ -299,6 +299,7 @@ class ProgressDisplay:
         """End of an epoch: advance the bar, or log a line when the epoch was evaluated (or is the last)."""
         if self._progress is not None:
             self._progress.update(self._epoch_task, completed=epoch, loss=f"train loss {train_loss:.4g}")
+            self._progress.update(self._batch_task, completed=self.batches)  # the last refresh may be behind
             if epoch < self.epochs:
                 self._progress.reset(self._batch_task, total=self.batches, loss="")
         if test is not None or epoch == self.epochs:
@@ -307,6 +308,18 @@ class ProgressDisplay:
             scores = " ".join(f"{k} {v:.4g}" for k, v in (test or {}).items())
             line = f"epoch {epoch}/{self.epochs} train_loss {train_loss:.4g} {scores} ({elapsed:.1f}s, eta {eta:.1f}s)"
             log.info(line)
+
+
+@contextmanager
+def phase(what: str) -> Iterator[None]:
+    """A phase that can take more than a second (figures, a t-SNE map): a spinner with `what` on a terminal
+    while it lasts, a log line when the output is a file or a pipe."""
+    if not console.is_terminal:
+        log.info("%s ...", what)
+        yield
+        return
+    with console.status(f"{what} ..."):
+        yield
 
 
 def console_log_handler() -> logging.Handler:

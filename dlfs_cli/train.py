@@ -22,7 +22,7 @@ from dlfs_cli.data import DataBundle, DataInfo, build_data
 from dlfs_cli.distributed import World
 from dlfs_cli.errors import DlfsError, exit_code_of, os_error_message
 from dlfs_cli.models import RECONSTRUCTS, build_model
-from dlfs_cli.tracking import RunFolder, log, print_config_tree, versions
+from dlfs_cli.tracking import RunFolder, log, phase, print_config_tree, versions
 from dlfs_cli.trainer import Diverged, Trainer, metric_names
 
 
@@ -181,7 +181,9 @@ def _extras(
 ) -> None:
     """What follows the training: the figures, and a text sample of a character model."""
     if cfg.figures.enabled:
-        _figures(run, cfg, model, data, device)
+        tsne = f", a t-SNE map of {cfg.figures.tsne_points:,} codes" if cfg.model.name == "autoencoder" else ""
+        with phase(f"drawing the figures{tsne}"):
+            _figures(run, cfg, model, data, device)
         lifecycle.check("while the figures were drawn; last.pt saved", hint)
     if data.info.vocab is not None:
         _sample(run, cfg, model, data.info.vocab, device)

@@ -70,6 +70,7 @@ def test_a_sweep_ends_with_summary_csv_ranked_by_the_metric(seed_sweep) -> None:
     table = [line for line in out.stdout.splitlines() if line.startswith("│") and "completed" in line]
     assert [line.split("│")[2].strip() for line in table[:4]] == [r["job"] for r in ranked]
     assert "best first by val_loss (lowest)" in out.stdout and "test_loss" in out.stdout
+    assert "Launching 4 jobs locally" in out.stdout and "[HYDRA]" not in out.stdout + out.stderr  # one format
     # and its picture: the metric against optimizer.lr (the seeds as error bars) and the jobs' curves
     assert (sweep / "sweep.png").read_bytes().startswith(b"\x89PNG") and "picture: sweep/sweep.png" in out.stdout
 
