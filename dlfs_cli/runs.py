@@ -1,5 +1,9 @@
 """Reading run folders back, and `dlfs runs [PATH]`: a table of the runs found under PATH.
 
+The default table fits in 100 characters for any mix of models and sweeps (run, model, status, epochs, the
+validation loss, the model's test metric, duration, started; the varying overrides when they fit);
+--columns and --all show more, --format csv|json every column for scripts.
+
 Only the run folders' small text files are read (summary.json, .hydra/overrides.yaml): no torch,
 so listing hundreds of runs takes a fraction of a second.
 """
@@ -7,8 +11,12 @@ so listing hundreds of runs takes a fraction of a second.
 from __future__ import annotations
 
 import argparse
+import csv
+import json
+import math
 import os
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -17,7 +25,7 @@ import yaml
 
 from dlfs_cli import runlock
 from dlfs_cli.errors import DlfsError
-from dlfs_cli.summary import Summary
+from dlfs_cli.summary import FIELDS, Summary
 from dlfs_cli.tracking import SUMMARY_FILE
 
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
@@ -124,51 +132,268 @@ def fmt(value: Any, std: float | None = None, std_digits: int = 3) -> str:
 
 # --- dlfs runs -------------------------------------------------------------------------------
 
+# The default table is at most this wide, whatever mix of models and sweeps it lists (a terminal narrower
+# than this: its width). --all and --columns show what they are asked for, as wide as that takes.
+TABLE_WIDTH = 100
+# The run column gets at least this much room (or its longest path, when shorter) before the optional
+# columns take what is left; paths longer than the room left are shortened in the middle.
+RUN_WIDTH = 24
+# The default columns, in the order shown. run, model, status, val and test are always there; the others
+# (and the --sort column, and the varying overrides) when they fit, in this order of priority.
+DEFAULT_COLUMNS = ("run", "model", "status", "epochs", "val", "test", "duration", "started")
+_ALWAYS = ("run", "model", "status", "val", "test")
+_OPTIONAL = ("epochs", "started", "duration")
+# summary.json's names for what a default column shows: sorting by either does not add a column.
+_SAME = {"duration_s": "duration", "started_at": "started", "epochs_completed": "epochs"}
+# csv and json: every column, unabridged; the summary's own names for the values.
+_MACHINE_HEAD = ("run", "model", "data", "status", "seed")
+_MACHINE_TAIL = ("epochs_completed", "epochs", "duration_s", "started_at", "error")
+_FORMATS = ("table", "csv", "json")
+
+
+@dataclass
+class Column:
+    """A column of `dlfs runs`: its value for csv/json and sorting (`raw`, `sort`), its text in a table."""
+
+    name: str
+    raw: Callable[[Run], Any]
+    text: Callable[[Run], str] | None = None  # default: fmt(raw)
+    sort: Callable[[Run], Any] | None = None  # default: raw
+    header: str | None = None  # default: name
+    numeric: bool = False  # right-justified
+
+    def cell(self, run: Run) -> str:
+        return self.text(run) if self.text is not None else _text(self.raw(run))
+
+    def sort_value(self, run: Run) -> Any:
+        return (self.sort or self.raw)(run)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"))
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return fmt(value)
+
+
+def primary_val(run: Run) -> str | None:
+    """The metric a row's validation is judged by: val_loss; test_loss for a run without a validation split."""
+    return next((k for k in ("val_loss", "test_loss") if k in run.metrics), None)
+
+
+def primary_test(run: Run) -> str | None:
+    """The test metric the book reports for the model: accuracy for a classifier (mnist_cnn), the mse for a
+    regression (boston, autoencoder), the loss for a character model (lstm_charmodel, whose accuracy is
+    a side metric); any test_* metric otherwise."""
+    m = run.metrics
+    order = ("test_mse", "test_loss") if "test_bpc" in m else ("test_accuracy", "test_mse", "test_loss")
+    return next((k for k in order if k in m), next((k for k in m if k.startswith("test_")), None))
+
+
+def _short_metric(name: str) -> str:
+    short = name.removeprefix("test_").removeprefix("val_")
+    return {"accuracy": "acc"}.get(short, short)
+
+
+class _Columns:
+    """Every column `dlfs runs` can show for these runs, by name; run paths relative to `base` (default: root)."""
+
+    def __init__(self, runs: list[Run], root: Path, base: Path | None = None) -> None:
+        self.runs, self.root, self.base = runs, root, base or root
+        found = metric_keys(runs)  # validation metrics, then test metrics, then any other
+        self.metrics = sorted(found, key=lambda k: 0 if k.startswith("val_") else 1 if k.startswith("test_") else 2)
+        self.overrides = list(dict.fromkeys(k for r in runs for k in r.overrides))
+        self.unknown = list(dict.fromkeys(k for r in runs for k in r.summary.unknown))
+        self.started_mode, self.started_date = _started_mode(runs)
+        vals = {primary_val(r) for r in runs} - {None}
+        tests = {primary_test(r) for r in runs} - {None}
+        # one metric for every row: its name heads the column; several: each cell names its own
+        self.val_name = vals.pop() if len(vals) == 1 else "val_loss"
+        self.test_name = tests.pop() if len(tests) == 1 else None
+
+    def names(self) -> list[str]:
+        """The names a column can be asked for by: the built-in ones, summary.json's, the metrics', the overrides'."""
+        builtin = ["run", "model", "data", "seed", "status", "epochs", "val", "test", "duration", "started"]
+        return list(dict.fromkeys([*builtin, *FIELDS, *self.metrics, *self.overrides, *self.unknown]))
+
+    def get(self, name: str, lenient: bool = False) -> Column | None:
+        """The column `name`; None when these runs have no such thing (lenient: an empty column, for a name
+        that other runs under the folder have)."""
+        name = name.strip()
+        builtin = self._builtin(name)
+        if builtin is not None:
+            return builtin
+        if name in FIELDS:
+            return Column(name, lambda r: getattr(r.summary, name), numeric=name in ("duration_s", "parameters"))
+        if name in self.metrics:
+            return Column(name, lambda r: r.metrics.get(name), numeric=True)
+        if name in self.overrides:
+            return Column(name, lambda r: r.overrides.get(name))
+        if name in self.unknown or lenient:
+            return Column(
+                name, lambda r: _first(r.metrics.get(name), r.overrides.get(name), r.summary.unknown.get(name))
+            )
+        return None
+
+    def _builtin(self, name: str) -> Column | None:
+        s = lambda r: r.summary  # noqa: E731
+        if name == "run":
+            return Column("run", self.relative, sort=lambda r: str(r.path))
+        if name in ("model", "data", "seed"):  # the summary's, else the override's: one column, never two
+            return Column(name, lambda r: _first(getattr(r.summary, name), r.overrides.get(name)))
+        if name == "status":
+            return Column("status", lambda r: r.status)
+        if name == "epochs":  # completed/asked in a table; sorted by the epochs completed
+            return Column("epochs", lambda r: s(r).epochs, self._epochs, lambda r: s(r).epochs_completed, numeric=True)
+        if name == "duration":
+            return Column("duration", lambda r: s(r).duration_s, lambda r: _duration(s(r).duration_s), numeric=True)
+        if name == "started":
+            return Column("started", lambda r: s(r).started_at, lambda r: self._started(s(r).started_at))
+        if name == "val":  # its value (csv, json, --sort) is the val_loss alone; the table's falls back, starred
+            return Column(
+                "val", lambda r: r.metrics.get("val_loss"), self._val_text, header=self.val_name, numeric=True
+            )
+        if name == "test":
+            return Column("test", self._test, self._test_text, header=self.test_name or "test", numeric=True)
+        return None
+
+    def relative(self, run: Run) -> str:
+        return str(run.path.relative_to(self.base)) if run.path != self.base else str(self.base)
+
+    def _epochs(self, run: Run) -> str:
+        s = run.summary
+        return f"{fmt(s.epochs_completed)}/{s.epochs}" if s.epochs is not None else fmt(s.epochs_completed)
+
+    def _val_text(self, run: Run) -> str:
+        key = primary_val(run)
+        if key is None:
+            return ""
+        return fmt(run.metrics[key]) + ("*" if key != self.val_name else "")
+
+    def _test(self, run: Run) -> float | None:
+        key = primary_test(run)
+        return None if key is None else run.metrics[key]
+
+    def _test_text(self, run: Run) -> str:
+        key = primary_test(run)
+        if key is None:
+            return ""
+        return fmt(run.metrics[key]) if self.test_name else f"{_short_metric(key)} {fmt(run.metrics[key])}"
+
+    def _started(self, started: str | None) -> str:
+        if not started or len(started) < 16:
+            return started or ""
+        return {"time": started[11:19], "day": started[5:16], "full": started[:16]}[self.started_mode].replace("T", " ")
+
+    def marked(self, run: Run) -> bool:
+        """Whether the row's val cell is starred (its test_loss, for want of a validation split)."""
+        return primary_val(run) not in (None, self.val_name)
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None and v != ""), None)
+
+
+def _started_mode(runs: list[Run]) -> tuple[str, str | None]:
+    """How much of the start times a table needs: the time alone when every run started the same day
+    (that day is named above the table), the month and day within one year, else the year too."""
+    stamps = [r.summary.started_at for r in runs if r.summary.started_at and len(r.summary.started_at) >= 19]
+    if stamps and len({s[:10] for s in stamps}) == 1:
+        return "time", stamps[0][:10]
+    return ("day" if len({s[:4] for s in stamps}) <= 1 else "full"), None
+
+
+def _duration(seconds: float | None) -> str:
+    """1.2s, 42s, 3m05s, 2h07m, 1d04h."""
+    if seconds is None:
+        return ""
+    if seconds < 59.5:
+        return f"{seconds:.2g}s" if seconds < 10 else f"{seconds:.0f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours < 24 else f"{hours // 24}d{hours % 24:02d}h"
+
+
+def shorten(path: str, width: int) -> str:
+    """`path` in at most `width` characters: whole folder names dropped from its middle (the first and the
+    last kept) when that still fills most of the width (multirun/…/12-00-00/3), else characters cut from its
+    middle (repro/improv…armodel/seed0: a long folder name that tells the runs apart is kept in part)."""
+    if cell_len(path) <= width:
+        return path
+    parts = path.split("/")
+    by_folder = [
+        *("/".join([parts[0], "…", *parts[-k:]]) for k in range(len(parts) - 2, 0, -1)),
+        *("/".join(["…", *parts[-k:]]) for k in range(len(parts) - 1, 0, -1)),
+    ]
+    fits = [c for c in by_folder if cell_len(c) <= width]
+    head = max(0, (width - 1) // 2)
+    cut = path[:head] + "…" + path[len(path) - max(0, width - 1 - head) :] if width > 1 else "…"
+    best = max(fits, key=cell_len, default="")
+    return best if best and cell_len(best) >= width * 3 // 4 else cut
+
+
+def cell_len(text: str) -> int:
+    from rich.cells import cell_len as rich_cell_len
+
+    return rich_cell_len(text)
+
+
+# --- the command ------------------------------------------------------------------------------
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, as every dlfs error (argparse prints usage too)
         raise DlfsError(f"dlfs runs: {message} (see dlfs runs --help)")
 
 
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise ValueError(text)
+def _limit(text: str) -> int:
+    """--limit N: N >= 1. 0 is refused rather than read as "no limit" (leave --limit out for that) or as an
+    empty table; a negative N is refused rather than counted from the end."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (--limit N lists the first N runs)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1 (leave --limit out to list every run)")
     return value
 
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="dlfs runs",
-        description="List the runs under PATH (single runs and sweep jobs) from their run-folder files.",
+        description="List the runs under PATH (single runs and sweep jobs) from their run-folder files. "
+        f"The table shows {', '.join(DEFAULT_COLUMNS)} in at most {TABLE_WIDTH} characters: val is the "
+        "validation loss (a run without validation metrics: its test_loss, marked *), test the model's "
+        "test metric (accuracy, mse or loss); the overrides that differ between the runs follow when they fit.",
     )
     p.add_argument("path", nargs="?", default=os.environ.get("DLFS_OUTPUTS", "outputs"), help="default: outputs/")
     p.add_argument("--model", help="only runs of this model (boston, mnist_cnn, lstm_charmodel, autoencoder)")
     p.add_argument("--status", choices=STATUSES, help="only runs with this status")
     p.add_argument(
-        "--sort", default="started", help="a column: started (default), duration, epochs, status, model, run, a metric"
+        "--sort",
+        default="started",
+        help="any column: started (default), duration, epochs, status, model, run, val, test, a metric "
+        "(test_accuracy), an override (optimizer.lr), a summary.json field; runs without it go last",
     )
     p.add_argument("--reverse", action="store_true", help="sort descending")
-    p.add_argument("--limit", type=_non_negative, default=None, help="show at most N runs (after sorting), N >= 0")
+    p.add_argument("--limit", type=_limit, default=None, help="show at most N runs (after sorting), N >= 1")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--columns",
+        metavar="A,B,...",
+        help="these columns, in this order: the default ones, a metric, an override key or a summary.json field",
+    )
+    shown.add_argument("--all", action="store_true", help="every column: the varying overrides and all metrics")
+    p.add_argument(
+        "--format",
+        choices=_FORMATS,
+        default="table",
+        help="csv or json (a list of objects): every column (or --columns), unabridged, nothing else printed",
+    )
     return p
-
-
-def _sort_key(run: Run, key: str) -> tuple:
-    """Runs without the value go last; numbers sort as numbers."""
-    value: Any = {
-        "started": run.summary.started_at,
-        "duration": run.summary.duration_s,
-        "epochs": run.summary.epochs_completed,
-        "status": run.status,
-        "model": run.summary.model,
-        "run": str(run.path),
-    }.get(key, run.metrics.get(key, run.overrides.get(key)))
-    if value is None:
-        return (1, 0, "")
-    try:
-        return (0, float(value), "")
-    except (TypeError, ValueError):
-        return (0, 0, str(value))
 
 
 def list_runs(argv: list[str]) -> int:
@@ -176,53 +401,212 @@ def list_runs(argv: list[str]) -> int:
     root = Path(args.path)
     if not root.is_dir():
         raise DlfsError(f"{root}: no such folder (dlfs runs lists the run folders under a folder, default outputs/)")
-    runs = find_runs(root)
+    everything = find_runs(root)
+    known = _Columns(everything, root)  # a name any run under PATH has is a column, whatever --model keeps
+    runs = everything
     if args.model:
-        runs = [r for r in runs if r.summary.model == args.model]
+        runs = [r for r in runs if _first(r.summary.model, r.overrides.get("model")) == args.model]
     if args.status:
         runs = [r for r in runs if r.status == args.status]
-    overrides = {k for r in runs for k in r.overrides}
-    columns = {"started", "duration", "epochs", "status", "model", "run", *metric_keys(runs), *overrides}
-    if args.sort not in columns and runs:
-        raise DlfsError(f"--sort {args.sort}: no such column; valid: {', '.join(sorted(columns))}")
-    runs.sort(key=lambda r: _sort_key(r, args.sort), reverse=args.reverse)
-    if args.reverse:  # runs without the value stay last
-        runs.sort(key=lambda r: _sort_key(r, args.sort)[0])
+    if everything and known.get(args.sort) is None:
+        raise DlfsError(f"--sort {args.sort}: no such column; valid: {', '.join(sorted(known.names()))}")
+    asked = _asked_columns(args.columns, known, everything) if args.columns is not None else None
+    sort = _Columns(runs, root).get(args.sort, lenient=True)
+    if sort is not None:
+        runs.sort(key=lambda r: _sort_key(sort.sort_value(r)), reverse=args.reverse)
+        if args.reverse:  # runs without the value stay last
+            runs.sort(key=lambda r: _sort_key(sort.sort_value(r))[0])
+    found = len(runs)
     if args.limit is not None:
         runs = runs[: args.limit]
-    print_runs(runs, root)
+    columns = _Columns(runs, root)  # the rows shown decide the headers and the start times' format
+    if args.format != "table":
+        _write_machine(args.format, _get(columns, asked or _machine_columns(columns)), runs)
+    elif asked is not None or args.all:
+        _print_table(columns, _get(columns, asked or _all_columns(columns)), found)
+    else:
+        _print_default(runs, root, args.sort, found)
     return 0
 
 
 def print_runs(runs: list[Run], root: Path) -> None:
+    """The default table of these runs."""
+    _print_default(runs, root, "started", len(runs))
+
+
+def _get(columns: _Columns, names: list[str]) -> list[Column]:
+    return [c for c in (columns.get(n, lenient=True) for n in names) if c is not None]
+
+
+def _asked_columns(text: str, known: _Columns, runs: list[Run]) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise DlfsError("--columns: name at least one column, e.g. --columns run,model,val_loss,test_accuracy")
+    unknown = [n for n in names if known.get(n) is None]
+    if unknown and runs:
+        raise DlfsError(f"--columns {','.join(unknown)}: no such column; valid: {', '.join(sorted(known.names()))}")
+    return list(dict.fromkeys(names))
+
+
+def _sort_key(value: Any) -> tuple:
+    """Runs without the value (or with NaN) go last; numbers sort as numbers."""
+    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+        return (1, 0, "")
+    if isinstance(value, (dict, list)):
+        return (0, 0, json.dumps(value, sort_keys=True))
+    try:
+        return (0, float(value), "")
+    except (TypeError, ValueError):
+        return (0, 0, str(value))
+
+
+def _varying(columns: _Columns) -> list[str]:
+    """The overrides that differ between the runs, but model (the model column is the summary's or the override's)."""
+    return [k for k in varying_keys(columns.runs) if k != "model"]
+
+
+def _all_columns(columns: _Columns) -> list[str]:
+    return ["run", "model", "status", *_varying(columns), *columns.metrics, "epochs", "duration", "started"]
+
+
+def _machine_columns(columns: _Columns) -> list[str]:
+    varying = [k for k in _varying(columns) if k not in _MACHINE_HEAD]
+    return list(dict.fromkeys([*_MACHINE_HEAD, *varying, *columns.metrics, *_MACHINE_TAIL]))
+
+
+@dataclass
+class _Layout:
+    columns: _Columns
+    shown: list[Column]
+    hidden: list[str]  # the columns left out for want of room
+    room: int  # for the run paths
+
+
+def _print_default(runs: list[Run], root: Path, sort_key: str, found: int) -> None:
+    """The default table, in at most TABLE_WIDTH characters (a narrower terminal's width). When columns are
+    left out and the runs all lie in one folder below PATH (a sweep's), the paths are shown from that folder,
+    if that makes room for more columns."""
+    width = min(table_console().width, TABLE_WIDTH)
+    layout = _default_layout(_Columns(runs, root), sort_key, width)
+    base = _common_folder(runs, root)
+    if base != root and layout.hidden:
+        shorter = _default_layout(_Columns(runs, root, base), sort_key, width)
+        layout = shorter if len(shorter.hidden) < len(layout.hidden) else layout
+    _print_table(layout.columns, layout.shown, found, hidden=layout.hidden, fit=width, room=layout.room)
+
+
+def _common_folder(runs: list[Run], root: Path) -> Path:
+    """The deepest folder below `root` that holds every run (root when they are fewer than two, or spread)."""
+    paths = [r.path for r in runs]
+    if len(paths) < 2 or root in paths:
+        return root
+    common = Path(os.path.commonpath(paths))
+    return common if root in common.parents and common not in paths else root
+
+
+def _default_layout(columns: _Columns, sort_key: str, width: int) -> _Layout:
+    """The default columns that fit in `width`: run, model, status, val and test always, then by priority the
+    --sort column, epochs, started, duration and the varying overrides."""
+    sort_key = _SAME.get(sort_key, sort_key)
+    defaults = [c for c in (columns.get(n) for n in DEFAULT_COLUMNS) if c is not None]
+    covered = {c.name for c in defaults} | {c.header for c in defaults if c.header}
+    extra = [sort_key] if sort_key not in covered and columns.get(sort_key) is not None else []
+    varying = [k for k in _varying(columns) if k not in covered and k not in extra]
+    cols = {n: c for n, c in ((n, columns.get(n)) for n in [*DEFAULT_COLUMNS, *extra, *varying]) if c is not None}
+    widths = {
+        n: max([cell_len(c.header or c.name), *(cell_len(c.cell(r)) for r in columns.runs)]) for n, c in cols.items()
+    }
+    run_width = min(widths["run"], RUN_WIDTH)
+    chosen = [n for n in (*_ALWAYS, *extra) if n in cols]
+    others = sum(widths[n] for n in chosen if n != "run") + 3 * (len(chosen) - 1)  # " │ " between, no outer edge
+    hidden = []
+    for name in (*_OPTIONAL, *varying):
+        if name in cols and run_width + others + 3 + widths[name] <= width:
+            chosen.append(name)
+            others += 3 + widths[name]
+        elif name in cols:
+            hidden.append(name)
+    order = [*DEFAULT_COLUMNS, *extra, *varying]
+    return _Layout(columns, [cols[n] for n in order if n in chosen], hidden, max(8, width - others))
+
+
+def _print_table(
+    columns: _Columns,
+    shown: list[Column],
+    found: int,
+    hidden: list[str] | None = None,
+    fit: int | None = None,
+    room: int | None = None,
+) -> None:
+    """The table; with `fit`, in at most that many characters, a row a line, the run paths shortened to `room`.
+    Without, every cell whole: folded in a terminal, as wide as it takes in a file or a pipe."""
+    from rich import box
+    from rich.console import Console
     from rich.markup import escape
+    from rich.measure import Measurement
     from rich.table import Table
 
-    table = Table()
-    overrides, metrics = varying_keys(runs), metric_keys(runs)
-    for name in ["run", "model", "status", *overrides, *metrics, "epochs", "duration_s", "started"]:
-        numeric = name in metrics or name in ("epochs", "duration_s")
-        table.add_column(name, justify="right" if numeric else "left", overflow="fold")
-    for run in runs:
-        s = run.summary
-        epochs = f"{fmt(s.epochs_completed)}/{s.epochs}" if s.epochs is not None else ""
+    runs = columns.runs
+    cells = [
+        [shorten(text, room) if room and c.name == "run" else text for c, text in ((c, c.cell(r)) for c in shown)]
+        for r in runs
+    ]
+    table = Table(box=box.HEAVY_HEAD, show_edge=False, pad_edge=False)
+    for c in shown:
+        table.add_column(
+            c.header or c.name,
+            justify="right" if c.numeric else "left",
+            no_wrap=fit is not None,
+            overflow="ellipsis" if fit else "fold",
+        )
+    for run, row in zip(runs, cells, strict=True):
         table.add_row(
-            escape(str(run.path.relative_to(root)) if run.path != root else str(root)),
-            escape(s.model or ""),
-            _styled(run.status),
-            *(escape(run.overrides.get(k, "")) for k in overrides),
-            *(fmt(run.metrics.get(k)) for k in metrics),
-            epochs,
-            fmt(s.duration_s),
-            escape((s.started_at or "")[:19].replace("T", " ")),
+            *(_styled(run.status) if c.name == "status" else escape(t) for c, t in zip(shown, row, strict=True))
         )
     console = table_console()
-    console.print(f"{len(runs)} run(s) under {root}", highlight=False)
-    console.print(table)
+    if fit is None and not console.is_terminal:  # a file or a pipe: nothing folded
+        natural = Measurement.get(console, console.options.update_width(1_000_000), table).maximum
+        console = Console(width=max(console.width, natural))
+    title = f"{len(runs)} run(s) under {columns.base}"
+    if found > len(runs):
+        title += f" (the first {len(runs)} of {found})"
+    if columns.started_date and any(c.name == "started" for c in shown):
+        title += f", started on {columns.started_date}"
+    console.print(title, markup=False, highlight=False, width=fit)
+    if runs:
+        console.print(table, width=fit)
+    notes = []
+    if any(c.name == "val" for c in shown) and any(columns.marked(r) for r in runs):
+        notes.append(f"*: test_loss: the run recorded no validation metrics ({columns.val_name} for the others)")
+    if hidden:
+        notes.append(f"not shown for width: {', '.join(hidden)} (see --columns, --all)")
     for run in runs:
         if run.status in ("unreadable", "killed"):
-            where = run.path.relative_to(root) if run.path != root else root
-            console.print(f"  {where}: {run.status}: {run.summary.error or ''}", markup=False, highlight=False)
+            notes.append(f"  {columns.relative(run)}: {run.status}: {run.summary.error or ''}")
+    for note in notes:
+        console.print(note, markup=False, highlight=False, width=fit)
+
+
+def _write_machine(form: str, shown: list[Column], runs: list[Run]) -> None:
+    rows = [{c.name: c.raw(r) for c in shown} for r in runs]
+    if form == "json":
+        print(json.dumps(_json_safe(rows), indent=2))
+        return
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow([c.name for c in shown])
+    for row in rows:
+        writer.writerow(["" if v is None else v if isinstance(v, str) else json.dumps(v) for v in row.values()])
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinity, which JSON cannot hold, as null (a diverged run's status says why)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _styled(status: str) -> str:
