@@ -84,7 +84,8 @@ def _train_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> float | None:
         if multirun:
             return sweep.job_failed(run_dir, cfg, ex)
         raise
-    return metrics.get(cfg.sweep.metric)  # what Hydra's sweepers optimise: the validation metric by default
+    # what Hydra's sweepers optimise: the validation metric by default (under Optuna a finite one, or the job raises)
+    return sweep.objective(cfg, metrics)
 
 
 def _resume(composed: DictConfig, run_dir: Path) -> float | None:
@@ -252,6 +253,11 @@ def _train_command(args: list[str]) -> None:
         folder = sweep.SweepFolder.current
         if not multirun or folder is None:
             raise
+        if folder.optuna and "Record does not exist" in str(ex):
+            # Optuna's sweeper asks its study for the best trial at the end, and no trial completed: the jobs
+            # say why, as any sweep's end does
+            _finish_sweep()
+            return
         _finish_sweep_quietly()
         if folder.path is not None:
             runlock.drop_refused(folder.path)  # a sweep whose launcher never ran a job

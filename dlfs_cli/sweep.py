@@ -4,6 +4,8 @@
   is recorded there and the sweep goes on (`job_failed`).
 - Parallel jobs share the cores: each job gets cores / (jobs at a time) threads (`job_threads`),
   and with device=cuda the visible GPUs, one job after another (`job_gpu`).
+- Under hydra/sweeper=optuna (conf/hydra/sweeper/optuna.yaml) a job that did not complete raises after
+  recording itself, so that Optuna records a FAILED trial and its study goes on (`under_optuna`).
 - When the sweep ends, summary.csv at the sweep folder's root has one row per job, and the same
   table is printed ranked by `sweep.metric`, with the seeds of one setting aggregated (`summarize`);
   sweep.png beside it draws the metric against each swept parameter and the jobs' curves.
@@ -25,7 +27,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dlfs_cli import lifecycle
 from dlfs_cli.errors import DlfsError, exit_code_of
@@ -52,8 +54,14 @@ class SweepFolder(Callback):
         self.path: Path | None = None
         self.metric = "val_loss"
         self.direction = "auto"
+        self.optuna = False  # hydra/sweeper=optuna
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if str(config.hydra.sweeper.get("_target_", "")).endswith("OptunaSweeper") and not _optuna_plugin():
+            from dlfs_cli.cli import UserError  # a SystemExit: Hydra's callbacks turn any Exception into a warning
+
+            raise UserError("hydra/sweeper=optuna needs hydra-optuna-sweeper: pip install 'dlfs-cli[optuna]'")
+        self.optuna = str(config.hydra.sweeper.get("_target_", "")).endswith("OptunaSweeper")
         self.path = Path(str(config.hydra.sweep.dir))  # resolved once: ${now:} is cached by Hydra
         self.metric = str(config.sweep.metric)
         self.direction = str(getattr(config.sweep.direction, "value", config.sweep.direction))
@@ -87,6 +95,34 @@ def in_sweep() -> bool:
 def _launcher() -> tuple[str, DictConfig]:
     launcher = HydraConfig.get().launcher
     return str(launcher.get("_target_", "")), launcher
+
+
+def under_optuna() -> bool:
+    """True in a job of hydra/sweeper=optuna (hydra-optuna-sweeper), which needs a number from every job."""
+    return in_sweep() and str(HydraConfig.get().sweeper.get("_target_", "")).endswith("OptunaSweeper")
+
+
+class TrialFailed(DlfsError):
+    """What a job that did not complete raises under Optuna's sweeper, after recording itself in its folder:
+    the sweeper records a FAILED trial and the study goes on (hydra.sweeper.max_failure_rate). Other sweepers
+    are handed NaN: the basic sweeper ignores what a job returns, and Optuna's ends the study on a NaN."""
+
+
+def _not_completed(what: str) -> float:
+    if under_optuna():
+        raise TrialFailed(what)
+    return math.nan
+
+
+def objective(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
+    """What a completed job hands Hydra's sweeper: `sweep.metric` (the validation loss by default). Under
+    Optuna a job without a finite value for it is a failed trial."""
+    value = metrics.get(cfg.sweep.metric)
+    if under_optuna() and not _finite(value):
+        known = ", ".join(sorted(k for k in metrics if _finite(metrics[k]))) or "none"
+        why = f"is {value}" if cfg.sweep.metric in metrics else f"is not a metric of this job (it has: {known})"
+        raise TrialFailed(f"job {HydraConfig.get().job.num}: sweep.metric={cfg.sweep.metric} {why}")
+    return value
 
 
 def in_process() -> bool:
@@ -145,7 +181,7 @@ def job_refused(cfg: DictConfig, ex: Exception) -> float:
     log.error("job %s: %s", num, ex)
     with open(Path(HydraConfig.get().sweep.dir) / REFUSED_FILE, "a", encoding="utf-8") as f:
         f.write(f"job {num} refused: {ex}\n")
-    return math.nan
+    return _not_completed(f"job {num} refused: {ex}")
 
 
 def refused_jobs(folder: Path) -> list[str]:
@@ -162,8 +198,8 @@ def job_failed(run_dir: Path, cfg: DictConfig, ex: Exception) -> float:
     """Record a job that did not complete and let the sweep go on.
 
     train() has written the run's status (failed, diverged, interrupted) into summary.json; a job
-    refused before training began gets a summary.json saying why. Hydra's sweepers are handed NaN
-    (Optuna records such a trial as failed) instead of an exception that would end the sweep."""
+    refused before training began gets a summary.json saying why. Hydra's sweepers are handed NaN instead of
+    an exception; Optuna's sweeper gets TrialFailed, a FAILED trial of its study (`_not_completed`)."""
     if not (run_dir / SUMMARY_FILE).exists():
         status = "skipped" if isinstance(ex, Skipped) else "failed"
         error = str(ex) if isinstance(ex, DlfsError) else f"{type(ex).__name__}: {ex}"
@@ -173,8 +209,16 @@ def job_failed(run_dir: Path, cfg: DictConfig, ex: Exception) -> float:
         )
     if exit_code_of(ex) != 2 and in_process():  # a signal to this process, which runs the next jobs
         (Path(HydraConfig.get().sweep.dir) / STOP_FILE).touch()
-    log.error("job %s: %s", HydraConfig.get().job.num, ex)
-    return math.nan
+    num = HydraConfig.get().job.num
+    log.error("job %s: %s", num, ex)
+    return _not_completed(f"job {num} {_status(run_dir)}: {ex}")
+
+
+def _status(run_dir: Path) -> str:
+    try:
+        return Summary.load(run_dir / SUMMARY_FILE).status or "failed"
+    except (OSError, ValueError):
+        return "failed"
 
 
 # --- when the sweep ends ---------------------------------------------------------------------
@@ -184,6 +228,45 @@ def _direction(metric: str, direction: str) -> str:
     if direction == "auto":
         return "maximize" if "accuracy" in metric else "minimize"
     return direction
+
+
+# --- hydra/sweeper=optuna: conf/hydra/sweeper/optuna.yaml ----------------------------------------
+
+# ${dlfs_direction:${sweep.metric},${sweep.direction}}: the study's direction, as the sweep's table ranks
+OmegaConf.register_new_resolver(
+    "dlfs_direction",
+    lambda metric, direction: _direction(str(metric), str(getattr(direction, "value", direction))),
+    replace=True,
+)
+
+
+def own_the_optuna_preset() -> None:
+    """Make conf/hydra/sweeper/optuna.yaml what hydra/sweeper=optuna selects. hydra-optuna-sweeper stores a
+    config of the same name, with a defaults list, and Hydra refuses a file that has such a twin ("validated
+    against ConfigStore schema with the same name"). The plugin stores it when Hydra scans its plugins, once
+    per process: so the scan is done here, and the plugin's entry removed after it (its samplers,
+    hydra/sweeper/sampler, stay). Nothing is done when the plugin is not installed."""
+    if not _optuna_plugin():
+        return
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # the scan (~50 ms), which every Hydra command does once anyway
+    ConfigStore.instance().repo.get("hydra", {}).get("sweeper", {}).pop("optuna.yaml", None)
+    # the study's sqlite storage: alembic >= 1.18 logs a line per plugin it sets up, at INFO (dlfs's level)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def _optuna_plugin() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
+    except ImportError:
+        return False
+
+
+own_the_optuna_preset()
 
 
 def summarize(sweep: SweepFolder, print_tables: bool = True) -> list[Run]:
