@@ -38,7 +38,7 @@ def test_the_ranks_shards_make_up_the_batch(rows: int) -> None:
 @pytest.mark.slow
 def test_two_ranks_write_one_run_folder_and_train_as_one_process(make_cfg, tmp_path: Path) -> None:
     """The same global batch (trainer.batch_size) over 2 gloo ranks reaches the weights of 1 process:
-    45 steps of digits, the last batch of 29 rows split 15 + 14."""
+    41 steps over the 1,293 training digits, the last batch of 13 rows split 7 + 6."""
     out = torchrun("train", *CNN, "trainer.epochs=1", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     runs = list((tmp_path / "outputs" / "mnist_cnn").iterdir())
@@ -56,7 +56,7 @@ def test_two_ranks_write_one_run_folder_and_train_as_one_process(make_cfg, tmp_p
     metrics = train(make_cfg(*CNN, "trainer.epochs=1"), single)
     ddp = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     one = torch.load(single / "checkpoints" / "last.pt", weights_only=True)
-    assert ddp["step"] == one["step"] == 45
+    assert ddp["step"] == one["step"] == 41
     assert ddp["model"].keys() == one["model"].keys()  # plain weights: no DistributedDataParallel prefix
     for name, weights in one["model"].items():
         torch.testing.assert_close(ddp["model"][name], weights, atol=1e-5, rtol=0)
