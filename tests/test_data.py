@@ -85,7 +85,7 @@ def test_the_validation_rows_come_from_the_training_rows_and_never_move() -> Non
     train_idx, test_idx = split_indices(len(X), 0.3, 80718)
     data = build_data(boston_cfg(), batch_size=32, seed=0)
     assert (data.info.n_train, data.info.n_val, data.info.n_test) == (283, 71, 152)
-    fit, val = validation_positions(len(train_idx), 0.2, 80718)
+    fit, val = validation_positions("boston", len(train_idx), 0.2, 80718)
     assert len(set(fit) | set(val)) == 354 and not set(fit) & set(val)
     val_targets = torch.cat([t for _, t in data.val])
     assert torch.equal(val_targets, torch.as_tensor(y[train_idx[val]], dtype=torch.float32))

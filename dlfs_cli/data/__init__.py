@@ -54,10 +54,13 @@ class DataBundle:
     val: Batches | None = None  # in a fixed order; None: data.val_fraction=0
 
 
-def validation_positions(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, validation) positions among n training items: a seeded draw of ceil(fraction * n) validates.
-    Both keep the items' order, so that fraction 0 leaves the training data exactly as it was."""
+def validation_positions(name: str, n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation) positions among n training items of data `name`: a seeded draw of ceil(fraction * n)
+    validates. Both keep the items' order, so that fraction 0 leaves the training data exactly as it was; a
+    fraction that leaves nothing to train on is refused."""
     chosen = np.random.RandomState(seed).permutation(n)[: math.ceil(fraction * n)]
+    if fraction and len(chosen) == n:
+        raise too_few_to_validate(name, fraction, n)
     is_val = np.zeros(n, dtype=bool)
     is_val[chosen] = True
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)

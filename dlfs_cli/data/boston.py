@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from dlfs_cli.config import Scaling
-from dlfs_cli.data import DataBundle, DataInfo, to_device_async, too_few_to_validate, validation_positions
+from dlfs_cli.data import DataBundle, DataInfo, to_device_async, validation_positions
 from dlfs_cli.errors import DlfsError
 
 BUNDLED_CSV = Path(__file__).with_name("boston_house_prices.csv")
@@ -67,9 +67,7 @@ def build(cfg: DictConfig, batch_size: int, seed: int, device: torch.device, rec
     if len(train_idx) == 0 or len(test_idx) == 0:
         raise DlfsError(f"data.test_size={cfg.test_size} leaves an empty split of {len(X)} rows")
     # the validation rows: a draw from the training rows, seeded by split_seed (the same for every run seed)
-    fit, val = validation_positions(len(train_idx), cfg.val_fraction, cfg.split_seed)
-    if cfg.val_fraction and len(fit) == 0:
-        raise too_few_to_validate("boston", cfg.val_fraction, len(train_idx))
+    fit, val = validation_positions("boston", len(train_idx), cfg.val_fraction, cfg.split_seed)
     train_idx, val_idx = train_idx[fit], train_idx[val]
     X_train, X_val, X_test = X[train_idx], X[val_idx], X[test_idx]
     if cfg.scaling == Scaling.train:  # fitted on the rows that train: neither test nor validation rows leak

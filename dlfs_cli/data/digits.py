@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from dlfs_cli.data import DataBundle, DataInfo, too_few_to_validate, validation_positions
+from dlfs_cli.data import DataBundle, DataInfo, validation_positions
 from dlfs_cli.data.boston import split_indices
 from dlfs_cli.data.images import TensorBatches, choose_scaling, place
 
@@ -29,9 +29,7 @@ def build(cfg: DictConfig, batch_size: int, seed: int, device: torch.device, rec
     pixels, labels = load_digits_28()
     train_idx, test_idx = split_indices(len(pixels), cfg.test_size, cfg.split_seed)
     # the validation images: a draw from the training images, seeded by split_seed
-    fit, val = validation_positions(len(train_idx), cfg.val_fraction, cfg.split_seed)
-    if cfg.val_fraction and len(fit) == 0:
-        raise too_few_to_validate("digits", cfg.val_fraction, len(train_idx))
+    fit, val = validation_positions("digits", len(train_idx), cfg.val_fraction, cfg.split_seed)
     train_rows, val_rows, test_rows = (torch.as_tensor(i) for i in (train_idx[fit], train_idx[val], test_idx))
     train_px, train_y = pixels[train_rows], labels[train_rows]
     scale = choose_scaling(cfg.scaling, reconstruct, train_px, None)  # digits' own statistics

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from dlfs_cli.data import DataBundle, DataInfo, too_few_to_validate, validation_positions
+from dlfs_cli.data import DataBundle, DataInfo, validation_positions
 from dlfs_cli.data.images import MNIST_MEAN, MNIST_STD, PixelScale, TensorBatches, choose_scaling, place
 from dlfs_cli.errors import DlfsError
 
@@ -106,9 +106,8 @@ def build(cfg: DictConfig, batch_size: int, seed: int, device: torch.device, rec
     counts = ensure_mnist(root, cfg.download)
     train_set, test_set = MNIST(str(root), train=True), MNIST(str(root), train=False)
     # the validation images: a draw from the training images, seeded by split_seed; the rest keep their order
-    fit, val = (torch.as_tensor(i) for i in validation_positions(len(train_set), cfg.val_fraction, cfg.split_seed))
-    if cfg.val_fraction and len(fit) == 0:
-        raise too_few_to_validate("mnist", cfg.val_fraction, len(train_set))
+    positions = validation_positions("mnist", len(train_set), cfg.val_fraction, cfg.split_seed)
+    fit, val = (torch.as_tensor(i) for i in positions)
     whole = len(val) == 0  # no validation split: the training set as it is (no copy)
     train_px = train_set.data if whole else train_set.data[fit]
     scale = choose_scaling(cfg.scaling, reconstruct, train_px, (MNIST_MEAN, MNIST_STD))
