@@ -17,10 +17,9 @@ import yaml
 
 from dlfs_cli.errors import DlfsError
 from dlfs_cli.runs import Run, fmt, metric_keys, read_run, table_console
-from dlfs_cli.tracking import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
+from dlfs_cli.tracking import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, Losses, read_losses, spans_decades
 
 MISSING = "-"  # a key or value one of the runs does not have
-Curve = dict[str, list[tuple[int, float]]]  # split -> (step, loss) points
 
 
 @dataclass
@@ -97,19 +96,14 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _curve(path: Path) -> Curve:
-    """The loss column of metrics.csv by split; rows without a loss (none yet) are skipped."""
-    curve: Curve = {"train": [], "val": [], "test": []}
+def _curve(path: Path) -> Losses:
+    """The loss column of metrics.csv by split, or a one-line error naming the file."""
     try:
-        with open(path / METRICS_FILE, newline="") as f:
-            for row in csv.DictReader(f):
-                if row.get("split") in curve and row.get("loss"):
-                    curve[row["split"]].append((int(row["step"]), float(row["loss"])))
+        return read_losses(path / METRICS_FILE)
     except FileNotFoundError:
         raise DlfsError(f"{path}: no {METRICS_FILE} to plot") from None
     except (OSError, csv.Error, ValueError, TypeError, KeyError) as ex:  # TypeError: a row with no step
         raise DlfsError(f"{path / METRICS_FILE}: unreadable: {' '.join(str(ex).split())[:200]}") from None
-    return curve
 
 
 # --- the three tables -----------------------------------------------------------------------
@@ -212,7 +206,7 @@ def _label(a: Side, b: Side, i: int) -> str:
     return side.name if a.name != b.name else f"{'AB'[i]}: {side.name}"
 
 
-def plot(path: Path, labels: list[str], curves: list[Curve]) -> Path:
+def plot(path: Path, labels: list[str], curves: list[Losses]) -> Path:
     """Train loss as a line, val and test as markers, one colour per run; log y over a wide range."""
     import matplotlib
 
@@ -226,7 +220,7 @@ def plot(path: Path, labels: list[str], curves: list[Curve]) -> Path:
                 steps, losses = zip(*curve[split], strict=True)
                 ax.plot(steps, losses, style, color=colour, label=f"{label} {split}")
     every_loss = [loss for curve in curves for points in curve.values() for _, loss in points]
-    if every_loss and min(every_loss) > 0 and max(every_loss) / min(every_loss) > 50:  # as figures.loss_curves
+    if spans_decades(every_loss):  # as figures.loss_curves
         ax.set_yscale("log")
     ax.set(xlabel="training step", ylabel="loss", title=f"loss: {labels[0]} vs {labels[1]}")
     ax.grid(alpha=0.3)

@@ -3,7 +3,6 @@ the book's autoencoder pictures (figure 7-3 reconstructions, 7-4 t-SNE of the co
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Iterable
 from pathlib import Path
 from typing import cast
@@ -17,7 +16,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from dlfs_cli.tracking import METRICS_FILE, log  # noqa: E402
+from dlfs_cli.tracking import METRICS_FILE, log, read_losses, spans_decades  # noqa: E402
 
 FIGURES_DIR = "figures"
 
@@ -47,17 +46,13 @@ def make_figures(
 
 
 def loss_curves(metrics_csv: Path, path: Path, title: str) -> Path:
-    with open(metrics_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
+    losses = read_losses(metrics_csv)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for split, style in (("train", "-"), ("val", "o-"), ("test", "s-")):
-        points = [(int(r["step"]), float(r["loss"])) for r in rows if r["split"] == split and r["loss"]]
-        if points:
-            steps, losses = zip(*points, strict=True)
-            ax.plot(steps, losses, style, label=f"{split} loss")
+        if losses[split]:
+            ax.plot(*zip(*losses[split], strict=True), style, label=f"{split} loss")
     ax.set(xlabel="training step", ylabel="loss", title=f"{title}: loss")
-    every_loss = [float(r["loss"]) for r in rows if r["loss"]]
-    if every_loss and min(every_loss) > 0 and max(every_loss) / min(every_loss) > 50:
+    if spans_decades(loss for points in losses.values() for _, loss in points):
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()

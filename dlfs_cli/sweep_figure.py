@@ -20,7 +20,7 @@ matplotlib.use("Agg")  # files only: no display needed, none opened
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 
 from dlfs_cli.runs import SEED_KEYS, Run, varying_keys  # noqa: E402
-from dlfs_cli.tracking import METRICS_FILE  # noqa: E402
+from dlfs_cli.tracking import METRICS_FILE, Losses, read_losses, spans_decades  # noqa: E402
 
 MAX_LABELLED = 10  # curves beyond this many are drawn but left out of the legend
 
@@ -78,24 +78,20 @@ def _metric_against(ax: Any, jobs: list[Run], param: str, others: list[str], met
 
 def _curves(ax: Any, jobs: list[Run], params: list[str]) -> None:
     """Every job's training loss (line) and validation or test loss (markers, same colour), by step."""
+    every_loss: list[float] = []
     for i, r in enumerate(jobs):
-        rows = _rows(r.path / METRICS_FILE)
-        if not rows:
-            continue
+        losses = _losses(r.path / METRICS_FILE)
         label = ", ".join(f"{k}={r.overrides.get(k, '')}" for k in params) or f"job {r.job}"
         if r.overrides.get("seed"):
             label += f", seed {r.overrides['seed']}"
         colour = f"C{i % 10}"
-        train = [(int(x["step"]), float(x["loss"])) for x in rows if x["split"] == "train" and x["loss"]]
-        split = "val" if any(x["split"] == "val" for x in rows) else "test"  # test: no validation split
-        held = [(int(x["step"]), float(x["loss"])) for x in rows if x["split"] == split and x["loss"]]
+        train, held = losses["train"], losses["val"] or losses["test"]  # test: no validation split
         if train:
             ax.plot(*zip(*train, strict=True), "-", color=colour, alpha=0.8, label=label if i < MAX_LABELLED else None)
         if held:
             ax.plot(*zip(*held, strict=True), "o--", color=colour, markersize=3, alpha=0.8)
-    losses = [float(x["loss"]) for r in jobs for x in _rows(r.path / METRICS_FILE) if x["loss"]]
-    finite = [v for v in losses if math.isfinite(v) and v > 0]
-    if finite and max(finite) / min(finite) > 50:
+        every_loss += [loss for points in losses.values() for _, loss in points]
+    if spans_decades(every_loss):
         ax.set_yscale("log")
     ax.set(xlabel="training step", ylabel="loss", title="loss: training (lines), held-out (dashed)")
     ax.grid(alpha=0.3)
@@ -103,12 +99,11 @@ def _curves(ax: Any, jobs: list[Run], params: list[str]) -> None:
         ax.legend(fontsize="x-small")
 
 
-def _rows(path: Path) -> list[dict[str, str]]:
+def _losses(path: Path) -> Losses:
     try:
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
+        return read_losses(path)
     except (OSError, csv.Error):
-        return []  # a job refused before it trained has no metrics.csv
+        return {"train": [], "val": [], "test": []}  # a job refused before it trained has no metrics.csv
 
 
 def _number(text: str | None) -> float | None:

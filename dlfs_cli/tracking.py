@@ -5,12 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 import os
 import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -308,6 +309,26 @@ class ProgressDisplay:
             scores = " ".join(f"{k} {v:.4g}" for k, v in (test or {}).items())
             line = f"epoch {epoch}/{self.epochs} train_loss {train_loss:.4g} {scores} ({elapsed:.1f}s, eta {eta:.1f}s)"
             log.info(line)
+
+
+Losses = dict[str, list[tuple[int, float]]]  # split (train, val, test) -> (step, loss) points
+
+
+def read_losses(metrics_csv: Path) -> Losses:
+    """metrics.csv's loss column by split, in row order; rows without a loss are skipped. Raises what reading
+    the file raises (OSError, csv.Error; ValueError, KeyError or TypeError for rows that are not dlfs's)."""
+    losses: Losses = {"train": [], "val": [], "test": []}
+    with open(metrics_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("split") in losses and row.get("loss"):
+                losses[row["split"]].append((int(row["step"]), float(row["loss"])))
+    return losses
+
+
+def spans_decades(losses: Iterable[float]) -> bool:
+    """Whether loss curves read better on a log scale: the finite losses all positive and over 50x apart."""
+    values = [v for v in losses if math.isfinite(v)]
+    return bool(values) and min(values) > 0 and max(values) / min(values) > 50
 
 
 @contextmanager
