@@ -496,14 +496,7 @@ def _resume_a_sweep(args: list[str]) -> None:
         _fail(f"resume={folder} finishes a sweep with its jobs' own settings: give no other arguments")
     with _one_line_errors():
         incomplete = sweep_resume.resume_sweep(folder)
-    if incomplete:
-        which = ", ".join(f"job {r.job} {r.status}" for r in incomplete)
-        code = lifecycle.exit_code()
-        message = f"{len(incomplete)} of the sweep's jobs did not complete ({which}); see {folder / sweep.SUMMARY_CSV}"
-        if code is not None:
-            print(f"dlfs: sweep interrupted: {message}", file=sys.stderr)
-            sys.exit(code)
-        _fail(message)
+    _exit_with(incomplete, folder, stopped=lifecycle.exit_code() is not None)
     sys.exit(0)
 
 
@@ -550,14 +543,19 @@ def _finish_sweep() -> None:
         (folder.path / sweep.STOP_FILE).unlink()
     if refused:
         _fail(f"{len(refused)} of the sweep's jobs were refused their folder ({'; '.join(refused)})")
-    if incomplete:
-        which = ", ".join(f"job {r.job} {r.status}" for r in incomplete)
-        summary = folder.path / sweep.SUMMARY_CSV
-        message = f"{len(incomplete)} of the sweep's jobs did not complete ({which}); see {summary}"
-        if stopped:  # a stop asked for, not an error
-            print(f"dlfs: sweep interrupted: {message}", file=sys.stderr)
-            sys.exit(lifecycle.exit_code() or 130)
-        _fail(message)
+    _exit_with(incomplete, folder.path, stopped)
+
+
+def _exit_with(incomplete: list[sweep.Run], folder: Path, stopped: bool) -> None:
+    """A sweep's end with jobs that did not complete: exit 2 naming them, or the signal's code after a stop."""
+    if not incomplete:
+        return
+    which = ", ".join(f"job {r.job} {r.status}" for r in incomplete)
+    message = f"{len(incomplete)} of the sweep's jobs did not complete ({which}); see {folder / sweep.SUMMARY_CSV}"
+    if stopped:  # a stop asked for, not an error
+        print(f"dlfs: sweep interrupted: {message}", file=sys.stderr)
+        sys.exit(lifecycle.exit_code() or 130)
+    _fail(message)
 
 
 def main(argv: list[str] | None = None) -> None:
