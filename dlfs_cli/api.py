@@ -60,7 +60,7 @@ class Run:
 
         from dlfs_cli.checkpoint import load_run_model
 
-        model, _, _ = load_run_model(self.path, checkpoint, torch.device(device), _data_info)
+        model, _, _ = load_run_model(self.path, checkpoint, torch.device(device))
         return model.eval()
 
 
@@ -120,16 +120,3 @@ def _number(key: str, cell: str | None) -> Any:
         return cell
     number = float(cell)
     return int(number) if key in ("epoch", "step") else number
-
-
-def _data_info(cfg: DictConfig, state: Any) -> Any:
-    """What sizes the model, from the config and the checkpoint alone: no data is read."""
-    from dlfs_cli.data import DataInfo
-    from dlfs_cli.data.boston import NUM_COLUMNS
-
-    name = cfg.data.name
-    if name == "boston":
-        return DataInfo(name=name, source="", n_train=0, n_test=0, num_features=NUM_COLUMNS - 1)
-    if name == "text":
-        return DataInfo(name=name, source="", n_train=0, n_test=0, vocab=state.vocab)
-    return DataInfo(name=name, source="", n_train=0, n_test=0, image_shape=(1, 28, 28), num_classes=10)

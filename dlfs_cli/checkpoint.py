@@ -14,7 +14,6 @@ import json
 import pickle
 import random
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,20 +116,37 @@ def load_run_checkpoint(run_dir: Path, checkpoint: str, map_location: str | torc
     return load_checkpoint(path, map_location)
 
 
-def load_run_model(
-    run_dir: Path, checkpoint: str, device: torch.device, info_for: Callable[[Any, Checkpoint], Any]
-) -> tuple[torch.nn.Module, Any, Checkpoint]:
-    """(the model with the checkpoint's weights, on `device`; the run's typed config; the checkpoint).
-
-    `info_for(cfg, checkpoint)` gives the DataInfo that sizes the model."""
+def load_run_model(run_dir: Path, checkpoint: str, device: torch.device) -> tuple[torch.nn.Module, Any, Checkpoint]:
+    """(the model with the checkpoint's weights, on `device`; the run's typed config; the checkpoint)."""
     from dlfs_cli.config import typed_config
-    from dlfs_cli.models import build_model
 
     state = load_run_checkpoint(run_dir, checkpoint)
     cfg = typed_config(state.config)
-    model = build_model(cfg.model, info_for(cfg, state))
-    load_weights(model, state.model, run_dir / CHECKPOINT_DIR / f"{checkpoint}.pt")
-    return model.to(device), cfg, state
+    return model_of(cfg, state, run_dir / CHECKPOINT_DIR / f"{checkpoint}.pt", device), cfg, state
+
+
+def model_of(cfg: Any, state: Checkpoint, path: Path, device: torch.device, info: Any = None) -> torch.nn.Module:
+    """The model of a checkpoint read from `path` (`cfg`: its config, typed), with its weights, on `device`;
+    sized by `info` (a DataInfo of data rebuilt for it), else by the config and checkpoint alone."""
+    from dlfs_cli.models import build_model
+
+    model = build_model(cfg.model, info if info is not None else data_info_of(cfg, state))
+    load_weights(model, state.model, path)
+    return model.to(device)
+
+
+def data_info_of(cfg: Any, state: Checkpoint) -> Any:
+    """What sizes a run's model, from its config and checkpoint alone (no data is read): Boston's 13
+    features, the images' shape and classes, the text's vocabulary (saved with the weights)."""
+    from dlfs_cli.data import DataInfo
+    from dlfs_cli.data.boston import NUM_COLUMNS
+
+    name = cfg.data.name
+    if name == "boston":
+        return DataInfo(name=name, source="", n_train=0, n_test=0, num_features=NUM_COLUMNS - 1)
+    if name == "text":
+        return DataInfo(name=name, source="", n_train=0, n_test=0, vocab=state.vocab)
+    return DataInfo(name=name, source="", n_train=0, n_test=0, image_shape=(1, 28, 28), num_classes=10)
 
 
 def load_weights(model: torch.nn.Module, weights: dict[str, Any], path: Path) -> None:

@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 
-from dlfs_cli.checkpoint import load_run_checkpoint, load_weights
+from dlfs_cli.checkpoint import load_run_checkpoint, model_of
 from dlfs_cli.config import typed_config
 from dlfs_cli.data import build_data
 from dlfs_cli.distributed import resolve_device, set_tf32
-from dlfs_cli.models import RECONSTRUCTS, build_model
+from dlfs_cli.models import RECONSTRUCTS
 from dlfs_cli.tracking import CHECKPOINT_DIR
 from dlfs_cli.trainer import evaluate
 
@@ -24,11 +24,10 @@ def evaluate_run(run_dir: Path, checkpoint: str = "last", device: str | None = N
     cfg = typed_config(state.config)
     target = resolve_device(device or cfg.device)  # the run's device setting unless one is named
     set_tf32(cfg.trainer.tf32)  # the run's float32 policy on a GPU, as it was measured
-    # the run's own data, rebuilt: it sizes the model and is what gets evaluated
+    # the run's own data, rebuilt: it sizes the model (a text changed since has another vocabulary, which
+    # the weights refuse) and is what gets evaluated
     data = build_data(cfg.data, cfg.trainer.batch_size, cfg.seed, target, cfg.model.name in RECONSTRUCTS)
-    model = build_model(cfg.model, data.info)
-    load_weights(model, state.model, run_dir / CHECKPOINT_DIR / f"{checkpoint}.pt")
-    model = model.to(target)
+    model = model_of(cfg, state, run_dir / CHECKPOINT_DIR / f"{checkpoint}.pt", target, data.info)
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # the book's LSTM evaluation starts from the state carried out of training, saved with the weights

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import torch
 
-from dlfs_cli.checkpoint import load_run_model
-from dlfs_cli.data import DataInfo
+from dlfs_cli.checkpoint import load_run_checkpoint, model_of
+from dlfs_cli.config import typed_config
 from dlfs_cli.errors import DlfsError
+from dlfs_cli.tracking import CHECKPOINT_DIR
 
 GREEDY_BELOW = 1e-3  # a temperature this small means: always the likeliest character
 
@@ -48,12 +49,9 @@ def sample(
 
 def load_char_model(run_dir: Path, checkpoint: str, device: torch.device) -> tuple[torch.nn.Module, str]:
     """The trained NextCharacterModel of a run folder and its vocabulary."""
-
-    def info_for(cfg, state) -> DataInfo:
-        if cfg.model.name != "lstm_charmodel" or not state.vocab:
-            raise DlfsError(f"run={run_dir} trained model={cfg.model.name}; dlfs generate needs an lstm_charmodel run")
-        return DataInfo(name="text", source=str(run_dir), n_train=0, n_test=0, vocab=state.vocab)
-
-    model, _, state = load_run_model(run_dir, checkpoint, device, info_for)
-    assert state.vocab is not None  # info_for refused a checkpoint without one
+    state = load_run_checkpoint(run_dir, checkpoint)
+    name = (state.config.get("model") or {}).get("name")
+    if name != "lstm_charmodel" or not state.vocab:
+        raise DlfsError(f"run={run_dir} trained model={name}; dlfs generate needs an lstm_charmodel run")
+    model = model_of(typed_config(state.config), state, run_dir / CHECKPOINT_DIR / f"{checkpoint}.pt", device)
     return model, state.vocab
