@@ -27,7 +27,6 @@ from dlfs_cli.errors import DlfsError, exit_code_of, os_error_message
 if TYPE_CHECKING:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-register_configs()
 CONF_DIR = str(conf_dir())
 
 
@@ -233,6 +232,7 @@ def _train_command(args: list[str]) -> None:
     """dlfs train, start to end: resume= and torchrun's ranks are set up before Hydra; a sweep's summary
     follows its jobs, also when the sweep ends early; under torchrun the ranks' group is closed at the end."""
     lifecycle.install_for_process()  # SIGINT, SIGTERM, SIGHUP: stop at a safe point, from here to the exit
+    register_configs()  # the Hydra commands' schemas (not at import: dlfs runs, diff and completion need none)
     multirun = _is_multirun(args)
     args = _from_run(args)
     args = prepare_overrides(args, multirun=multirun)
@@ -303,6 +303,7 @@ def _diff_command(args: list[str]) -> None:
 
 
 def _run_hydra_app(command: str, app: Callable[[], object], args: list[str]) -> None:
+    register_configs()
     args = prepare_overrides(args, multirun=_is_multirun(args))
     with _one_line_errors():
         _start(command, app, args)

@@ -13,6 +13,7 @@ This module must not import torch: `dlfs train --cfg job` and `--help` go throug
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -457,6 +458,34 @@ def register_configs() -> None:
     for group, schemas in SCHEMAS.items():
         for name, node in schemas.items():
             cs.store(name=f"schema_{group}_{name}", node=node)
+    _own_the_optuna_preset()
+
+
+def _own_the_optuna_preset() -> None:
+    """Make conf/hydra/sweeper/optuna.yaml what hydra/sweeper=optuna selects. hydra-optuna-sweeper stores a
+    config of the same name, with a defaults list, and Hydra refuses a file that has such a twin ("validated
+    against ConfigStore schema with the same name"). The plugin stores it when Hydra scans its plugins, once
+    per process: so the scan is done here, and the plugin's entry removed after it (its samplers,
+    hydra/sweeper/sampler, stay). Nothing is done when the plugin is not installed."""
+    if not optuna_plugin():
+        return
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # the scan (~50 ms), which every Hydra command does once anyway
+    ConfigStore.instance().repo.get("hydra", {}).get("sweeper", {}).pop("optuna.yaml", None)
+    # the study's sqlite storage: alembic >= 1.18 logs a line per plugin it sets up, at INFO (dlfs's level)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def optuna_plugin() -> bool:
+    """Whether hydra-optuna-sweeper is installed (the optuna extra)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
+    except ImportError:
+        return False
 
 
 def conf_dir() -> Path:

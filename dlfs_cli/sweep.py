@@ -30,6 +30,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from dlfs_cli import lifecycle
+from dlfs_cli.config import optuna_plugin
 from dlfs_cli.errors import DlfsError, exit_code_of
 from dlfs_cli.runs import SEED_KEYS, Run, fmt, metric_keys, read_run, table_console, varying_keys
 from dlfs_cli.summary import Summary
@@ -57,7 +58,7 @@ class SweepFolder(Callback):
         self.optuna = False  # hydra/sweeper=optuna
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if str(config.hydra.sweeper.get("_target_", "")).endswith("OptunaSweeper") and not _optuna_plugin():
+        if str(config.hydra.sweeper.get("_target_", "")).endswith("OptunaSweeper") and not optuna_plugin():
             from dlfs_cli.cli import UserError  # a SystemExit: Hydra's callbacks turn any Exception into a warning
 
             raise UserError("hydra/sweeper=optuna needs hydra-optuna-sweeper: pip install 'dlfs-cli[optuna]'")
@@ -238,35 +239,6 @@ OmegaConf.register_new_resolver(
     lambda metric, direction: _direction(str(metric), str(getattr(direction, "value", direction))),
     replace=True,
 )
-
-
-def own_the_optuna_preset() -> None:
-    """Make conf/hydra/sweeper/optuna.yaml what hydra/sweeper=optuna selects. hydra-optuna-sweeper stores a
-    config of the same name, with a defaults list, and Hydra refuses a file that has such a twin ("validated
-    against ConfigStore schema with the same name"). The plugin stores it when Hydra scans its plugins, once
-    per process: so the scan is done here, and the plugin's entry removed after it (its samplers,
-    hydra/sweeper/sampler, stay). Nothing is done when the plugin is not installed."""
-    if not _optuna_plugin():
-        return
-    from hydra.core.config_store import ConfigStore
-    from hydra.core.plugins import Plugins
-
-    Plugins.instance()  # the scan (~50 ms), which every Hydra command does once anyway
-    ConfigStore.instance().repo.get("hydra", {}).get("sweeper", {}).pop("optuna.yaml", None)
-    # the study's sqlite storage: alembic >= 1.18 logs a line per plugin it sets up, at INFO (dlfs's level)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-
-
-def _optuna_plugin() -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None
-    except ImportError:
-        return False
-
-
-own_the_optuna_preset()
 
 
 def summarize(sweep: SweepFolder, print_tables: bool = True) -> list[Run]:

@@ -116,7 +116,7 @@ def test_without_the_plugin_the_preset_says_what_to_install(dlfs, monkeypatch, t
 
     monkeypatch.delitem(ConfigStore.instance().repo["hydra"]["sweeper"], "sampler", raising=False)
     monkeypatch.delitem(Plugins.instance().class_name_to_class, OPTUNA, raising=False)
-    monkeypatch.setattr(sweep, "_optuna_plugin", lambda: False)
+    monkeypatch.setattr(sweep, "optuna_plugin", lambda: False)
     monkeypatch.chdir(tmp_path)
     out = dlfs("train", "-m", "hydra/sweeper=optuna", "optimizer.lr=interval(1e-3,1e-1)", "hydra.sweep.dir=s")
     assert out.code == 2 and "Traceback" not in out.err
