@@ -245,7 +245,7 @@ def summarize(sweep: SweepFolder, print_tables: bool = True) -> list[Run]:
     """Write summary.csv (and summary_seeds.csv when seeds were swept), print them ranked; returns
     the jobs that did not complete."""
     assert sweep.path is not None
-    jobs = [r for r in (read_run(p) for p in _job_folders(sweep.path)) if r is not None]
+    jobs = [r for r in (read_run(p) for p in job_folders(sweep.path)) if r is not None]
     jobs.sort(key=lambda r: (r.job if r.job is not None else 1 << 30, str(r.path)))
     if not jobs:
         return []
@@ -295,7 +295,7 @@ def _draw(jobs: list[Run], metric: str, path: Path) -> Path | None:
         return None
 
 
-def _job_folders(root: Path) -> list[Path]:
+def job_folders(root: Path) -> list[Path]:
     """The folders Hydra made for the jobs: each holds .hydra/overrides.yaml (any hydra.sweep.subdir)."""
     return sorted(p.parent.parent for p in root.glob("**/.hydra/overrides.yaml"))
 

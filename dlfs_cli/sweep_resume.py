@@ -16,8 +16,7 @@ from omegaconf import OmegaConf
 from dlfs_cli import lifecycle, runlock
 from dlfs_cli.errors import DlfsError, exit_code_of
 from dlfs_cli.runs import OVERRIDES_FILE, Run, read_run
-from dlfs_cli.sweep import SweepFolder, summarize
-from dlfs_cli.sweep import _job_folders as job_folders  # the folders Hydra made, any hydra.sweep.subdir
+from dlfs_cli.sweep import SweepFolder, job_folders, summarize
 from dlfs_cli.tracking import CONFIG_FILE, SUMMARY_FILE, log
 
 NOT_AGAIN = ("completed", "diverged")
