@@ -238,7 +238,9 @@ def _train_command(args: list[str]) -> None:
     args = prepare_overrides(args, multirun=multirun)
     if multirun and any(a in args for a in ("--cfg", "-c", "--info", "-i")):
         _fail("--cfg and --info show one job's config: use them without -m")
-    _resume_a_sweep(args)
+    study = _resume_a_sweep(args)
+    if study is not None:  # resume=<sweep folder> of an Optuna study: the trials it has not run yet
+        args, multirun = study, True
     args = _run_dir_for_resume(args)
     if _under_torchrun():
         args = _join_the_world(args)
@@ -485,18 +487,21 @@ def _check_from_run(cfg: DictConfig, source: Path) -> None:
         log.warning("from=%s: the defaults changed since that run; today's are used for %s%s", source, shown, more)
 
 
-def _resume_a_sweep(args: list[str]) -> None:
-    """resume=<sweep folder>: its unfinished jobs run again, then its summary; the command ends here."""
+def _resume_a_sweep(args: list[str]) -> list[str] | None:
+    """resume=<sweep folder>: its unfinished jobs run again, then its summary; the command ends here, or for
+    an Optuna study with trials to go returns the sweep's own arguments, which run them and then summarise."""
     from dlfs_cli import sweep_resume
 
     values = [a.partition("=")[2].strip("'\"") for a in args if a.lstrip("+").startswith("resume=")]
     if not values or not sweep_resume.is_sweep_folder(Path(values[-1])):
-        return
+        return None
     folder = Path(values[-1])
     if len(args) > 1:
         _fail(f"resume={folder} finishes a sweep with its jobs' own settings: give no other arguments")
     with _one_line_errors():
-        incomplete = sweep_resume.resume_sweep(folder)
+        incomplete, study = sweep_resume.resume_sweep(folder)
+    if study is not None:
+        return study
     _exit_with(incomplete, folder, stopped=lifecycle.exit_code() is not None)
     sys.exit(0)
 

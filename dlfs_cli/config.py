@@ -466,14 +466,20 @@ def _own_the_optuna_preset() -> None:
     config of the same name, with a defaults list, and Hydra refuses a file that has such a twin ("validated
     against ConfigStore schema with the same name"). The plugin stores it when Hydra scans its plugins, once
     per process: so the scan is done here, and the plugin's entry removed after it (its samplers,
-    hydra/sweeper/sampler, stay). Nothing is done when the plugin is not installed."""
+    hydra/sweeper/sampler, stay); dlfs's own sweeper class is registered. Nothing is done when the plugin is
+    not installed."""
     if not optuna_plugin():
         return
     from hydra.core.config_store import ConfigStore
     from hydra.core.plugins import Plugins
 
-    Plugins.instance()  # the scan (~50 ms), which every Hydra command does once anyway
+    plugins = Plugins.instance()  # the scan (~50 ms), which every Hydra command does once anyway
     ConfigStore.instance().repo.get("hydra", {}).get("sweeper", {}).pop("optuna.yaml", None)
+    # dlfs's sweeper (dlfs_cli/hydra_plugin): the scan walks hydra_plugins' folders, and misses a package that
+    # an editable install maps there from this checkout
+    from hydra_plugins.dlfs_optuna_sweeper import DlfsOptunaSweeper
+
+    plugins.class_name_to_class[f"{DlfsOptunaSweeper.__module__}.{DlfsOptunaSweeper.__name__}"] = DlfsOptunaSweeper
     # the study's sqlite storage: alembic >= 1.18 logs a line per plugin it sets up, at INFO (dlfs's level)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 

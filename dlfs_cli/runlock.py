@@ -231,6 +231,8 @@ def _guard(config: DictConfig, key: str) -> None:
                     "wait for it to end, or stop it first"
                 ) from None
             return
+        if key == "hydra.sweep.dir" and holds(folder):
+            return  # resume=<sweep folder>: this process finishes the sweep, and its Optuna study goes on there
         check_new_folder(folder, key)
         try:
             folder.mkdir(parents=True)

@@ -4,6 +4,9 @@ Hydra recorded for it. Completed jobs are left alone; then summary.csv, the tabl
 again over all the jobs.
 
 A job that diverged is not re-run: from its last.pt it would diverge again at the same step.
+
+A sweep of hydra/sweeper=optuna continues its study as well (dlfs_cli.optuna_study): the jobs that completed
+now are told to it, then the trials it had not run yet are launched into the same folder.
 """
 
 from __future__ import annotations
@@ -11,12 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from dlfs_cli import lifecycle, runlock
+from dlfs_cli.config import optuna_plugin
 from dlfs_cli.errors import DlfsError, exit_code_of
 from dlfs_cli.runs import OVERRIDES_FILE, Run, read_run
-from dlfs_cli.sweep import SweepFolder, job_folders, summarize
+from dlfs_cli.sweep import MULTIRUN_FILE, SweepFolder, job_folders, summarize
 from dlfs_cli.tracking import CONFIG_FILE, SUMMARY_FILE, log
 
 NOT_AGAIN = ("completed", "diverged")
@@ -27,9 +31,17 @@ def is_sweep_folder(folder: Path) -> bool:
     return folder.is_dir() and not (folder / SUMMARY_FILE).exists() and bool(job_folders(folder))
 
 
-def resume_sweep(folder: Path) -> list[Run]:
-    """Run the sweep's unfinished jobs again, then summarise the sweep; returns the jobs still not completed."""
+def resume_sweep(folder: Path) -> tuple[list[Run], list[str] | None]:
+    """Run the sweep's unfinished jobs again, then summarise the sweep. Returns the jobs still not completed,
+    and for an Optuna study with trials still to run the command that runs them (`dlfs train` arguments:
+    that sweep then summarises every job)."""
     runlock.acquire(folder)  # one process finishes a sweep at a time
+    saved = optuna_sweep(folder)
+    study = None
+    if saved is not None:
+        from dlfs_cli import optuna_study
+
+        study = optuna_study.study_of(folder, saved)  # before any job runs: a study that is gone is said first
     jobs = [r for r in (read_run(p) for p in job_folders(folder)) if r is not None]
     todo = [r for r in jobs if r.status not in NOT_AGAIN]
     log.info("resume: sweep %s: %d jobs, %d to run again", folder, len(jobs), len(todo))
@@ -37,9 +49,45 @@ def resume_sweep(folder: Path) -> list[Run]:
         if lifecycle.requested() is not None:
             break  # a signal stopped the job before: the rest are left as they are
         _run_again(job)
+    if saved is not None and study is not None:
+        again = [r for r in (read_run(j.path) for j in todo) if r is not None]
+        optuna_study.tell_again(folder, saved, study, again)
+        left = optuna_study.trials_left(folder, saved)
+        if left > 0 and lifecycle.requested() is None:
+            log.info("resume: the study runs its %d trials not yet run", left)
+            return [], _command_of(folder, saved)
     sweep = SweepFolder()
     sweep.path, sweep.metric, sweep.direction = folder, *_ranking(jobs)
-    return summarize(sweep)
+    return summarize(sweep), None
+
+
+def optuna_sweep(folder: Path) -> DictConfig | None:
+    """The config a sweep of hydra/sweeper=optuna saved in its folder, pointed at where the folder is now;
+    None for any other sweep (or one from before dlfs saved it: its jobs are resumed, the study is not)."""
+    if not (folder / MULTIRUN_FILE).is_file():
+        return None
+    try:
+        saved = OmegaConf.load(folder / MULTIRUN_FILE)
+    except (OSError, ValueError, yaml.YAMLError) as ex:
+        raise DlfsError(f"resume={folder}: cannot read {MULTIRUN_FILE}: {ex}") from None
+    if not isinstance(saved, DictConfig) or not str(OmegaConf.select(saved, "hydra.sweeper._target_") or "").endswith(
+        "OptunaSweeper"
+    ):
+        return None
+    if not optuna_plugin():
+        raise DlfsError(f"resume={folder} continues an Optuna study: pip install 'dlfs-cli[optuna]'")
+    saved.hydra.sweep.dir = str(folder.resolve())
+    return saved
+
+
+def _command_of(folder: Path, saved: DictConfig) -> list[str]:
+    """The sweep's own `dlfs train -m` arguments, as Hydra recorded them, into `folder` as it is now."""
+    from dlfs_cli.cli import prepare_overrides
+
+    recorded = saved.hydra.overrides.hydra
+    hydra = [o for o in recorded if o.partition("=")[0].lstrip("+~") not in ("hydra.sweep.dir", "hydra.mode")]
+    here = prepare_overrides([f"hydra.sweep.dir={folder.resolve()}"], multirun=False)
+    return ["-m", *hydra, *here, *saved.hydra.overrides.task]
 
 
 def _run_again(job: Run) -> None:

@@ -6,18 +6,20 @@ from __future__ import annotations
 import csv
 import math
 import re
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import SMOKE, run_dlfs
+from conftest import SMOKE, run_dlfs, wait_for
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from dlfs_cli import cli, sweep
 from dlfs_cli.errors import DlfsError
 
-OPTUNA = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+OPTUNA = "hydra_plugins.dlfs_optuna_sweeper.DlfsOptunaSweeper"  # the plugin's, its study kept with the sweep
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 
@@ -175,3 +177,131 @@ def test_a_study_without_a_completed_trial_ends_as_a_sweep_does(tmp_path: Path) 
     assert out.returncode == 2 and "Record does not exist" not in out.stderr + out.stdout
     assert "2 of the sweep's jobs did not complete (job 0 diverged, job 1 diverged)" in out.stderr
     assert (tmp_path / "sweep" / "summary.csv").exists()
+
+
+@pytest.mark.slow  # a real study in another process, killed, then continued: about 20 s
+def test_a_killed_study_continues_in_its_own_folder(run_here, tmp_path: Path) -> None:
+    """SIGKILL while trial 2 trains (no handler runs: its trial is left RUNNING, the trials after it never
+    asked). resume=<sweep folder> runs job 2 again, tells the study, and runs the trials not yet run as new
+    jobs of the same folder: the study and summary.csv then agree on every job and on the best."""
+    needs_the_plugin()
+    import optuna
+
+    n = 5
+    sweep_dir = tmp_path / "a sweep"
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "dlfs_cli", "train", "-m", "hydra/sweeper=optuna", f"hydra.sweeper.n_trials={n}",
+            "optimizer.lr=tag(log, interval(1e-3, 1e-1))", "trainer.epochs=3", "device=cpu",
+            "figures.enabled=false", f"hydra.sweep.dir={sweep_dir}",
+        ],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    wait_for(lambda: (sweep_dir / "2" / "config.yaml").exists(), proc)
+    proc.kill()
+    proc.wait()
+    assert len(sweep.job_folders(sweep_dir)) < n  # stopped in the middle of the study
+
+    out = run_here("train", f"resume={sweep_dir}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    with open(sweep_dir / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["job"] for r in rows] == [str(j) for j in range(n)]  # numbered on after the jobs already there
+    assert {r["status"] for r in rows} == {"completed"}
+    study = optuna.load_study(study_name="dlfs", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]  # the killed one failed
+    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    by_job = {t.user_attrs["dlfs_job"]: t for t in completed}
+    assert sorted(by_job) == list(range(n)) and len(completed) == n
+    for row in rows:
+        trial = by_job[int(row["job"])]
+        assert trial.params["optimizer.lr"] == float(row["optimizer.lr"])
+        assert trial.value == pytest.approx(float(row["val_loss"]), rel=1e-5)  # csv: 6 digits
+    assert len({r["optimizer.lr"] for r in rows}) == n  # the continued sampler proposed new values
+    best = min(rows, key=lambda r: float(r["val_loss"]))
+    assert study.best_trial.user_attrs["dlfs_job"] == int(best["job"])
+    assert OmegaConf.load(sweep_dir / "optimization_results.yaml").best_value == study.best_value
+
+    out = run_here("train", f"resume={sweep_dir}", cwd=tmp_path)  # the study is complete: nothing runs again
+    assert out.returncode == 0 and len(optuna.load_study(study_name="dlfs", storage=study._storage).trials) == len(
+        study.trials
+    )
+
+
+def test_a_resume_tells_the_study_what_its_jobs_did(tmp_path: Path) -> None:
+    """The study's side of resume=<sweep folder> (optuna_study.tell_again, trials_left), on a study as a killed
+    sweep leaves it: trial 0 completed, trial 1 failed, trial 2 still RUNNING, 5 trials asked for."""
+    needs_the_plugin()
+    import optuna
+
+    from dlfs_cli import optuna_study
+    from dlfs_cli.runs import Run
+    from dlfs_cli.summary import Summary
+
+    folder = tmp_path / "a sweep"
+    folder.mkdir()
+    saved = OmegaConf.create(
+        {
+            "hydra": {
+                "sweep": {"dir": str(folder)},
+                "sweeper": {"storage": "sqlite:///${hydra.sweep.dir}/optuna.db", "study_name": "dlfs", "n_trials": 5},
+            },
+            "sweep": {"metric": "val_loss"},
+        }
+    )
+    study = optuna.create_study(study_name="dlfs", storage=saved.hydra.sweeper.storage)
+    lr = optuna.distributions.LogUniformDistribution(1e-3, 1e-1)
+    for job, state in enumerate(["COMPLETE", "FAIL", "RUNNING"]):
+        trial = study.ask({"optimizer.lr": lr})
+        trial.set_user_attr(optuna_study.JOB, job)
+        trial.set_user_attr(optuna_study.SWEEP, str(folder.resolve()))
+        if state != "RUNNING":
+            study.tell(trial, 5.0 if state == "COMPLETE" else None, state=optuna.trial.TrialState[state])
+        (folder / str(job) / ".hydra").mkdir(parents=True)
+        (folder / str(job) / ".hydra" / "overrides.yaml").write_text(f"- optimizer.lr={trial.params['optimizer.lr']}\n")
+    stranger = study.ask({"optimizer.lr": lr})  # a trial of another folder's sweep sharing this storage
+    stranger.set_user_attr(optuna_study.JOB, 1)
+    stranger.set_user_attr(optuna_study.SWEEP, str(tmp_path))
+    assert optuna_study.trials_left(folder, saved) == 2
+
+    def job(n: int, status: str, val_loss: float | None) -> Run:
+        metrics = {} if val_loss is None else {"val_loss": val_loss}
+        return Run(folder / str(n), Summary(status=status, metrics=metrics), job=n)
+
+    # run again: job 1 now completed (better than job 0), job 2 diverged once more
+    optuna_study.tell_again(folder, saved, study, [job(1, "completed", 2.5), job(2, "diverged", math.nan)])
+    trials = optuna.load_study(study_name="dlfs", storage=saved.hydra.sweeper.storage).trials
+    states = [t.state.name for t in trials]
+    assert states == ["COMPLETE", "FAIL", "FAIL", "RUNNING", "COMPLETE"]  # the stranger is left alone
+    again = trials[4]
+    assert again.value == 2.5 and again.params == trials[1].params
+    assert again.user_attrs[optuna_study.JOB] == 1 and again.user_attrs[optuna_study.AGAIN] == 1
+    best = OmegaConf.load(folder / optuna_study.RESULTS_FILE)
+    assert best.best_value == 2.5 and best.best_params == trials[1].params
+
+
+def test_a_resume_runs_the_trials_left_with_the_sweeps_own_command(tmp_path: Path) -> None:
+    """What multirun.yaml (saved by the sweeper) gives a resume: the study's storage where the folder is now,
+    and the command that runs the trials left, into that folder."""
+    needs_the_plugin()
+    from dlfs_cli import sweep_resume
+
+    folder = tmp_path / "moved sweep"
+    folder.mkdir()
+    overrides = {
+        "hydra": ["hydra/sweeper=optuna", "hydra.sweeper.n_trials=6", "hydra.sweep.dir=old", "hydra.mode=MULTIRUN"],
+        "task": ["optimizer.lr=tag(log, interval(1e-4, 1))", "model=boston"],
+    }
+    sweeper = {"_target_": "hydra_plugins.dlfs_optuna_sweeper.DlfsOptunaSweeper"}
+    sweeper["storage"] = "sqlite:///${hydra.sweep.dir}/optuna.db"
+    config = {"hydra": {"sweep": {"dir": "old"}, "sweeper": sweeper, "overrides": overrides}}
+    OmegaConf.save(OmegaConf.create(config), folder / sweep.MULTIRUN_FILE)
+    saved = sweep_resume.optuna_sweep(folder)
+    assert saved is not None and saved.hydra.sweeper.storage == f"sqlite:///{folder.resolve()}/optuna.db"
+    assert sweep_resume._command_of(folder, saved) == [
+        "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=6", f"hydra.sweep.dir={folder.resolve()}",
+        "optimizer.lr=tag(log, interval(1e-4, 1))", "model=boston",
+    ]  # fmt: skip
+    sweeper["_target_"] = BASIC_SWEEPER  # any other sweeper: its jobs are resumed, there is no study
+    OmegaConf.save(OmegaConf.create(config), folder / sweep.MULTIRUN_FILE)
+    assert sweep_resume.optuna_sweep(folder) is None
