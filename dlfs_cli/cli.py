@@ -69,9 +69,10 @@ def _train_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> float | None:
         from dlfs_cli.train import train
 
         threads, live = (sweep.job_threads(), sweep.in_process()) if multirun else (None, True)
-        if FROM_RUN:
-            _check_from_run(cfg, FROM_RUN[0])
-        metrics = train(cfg, run_dir, threads=threads, live=live, from_run=FROM_RUN[0] if FROM_RUN else None)
+        source = Path(os.environ[FROM_ENV]) if os.environ.get(FROM_ENV) else None
+        if source is not None:
+            _check_from_run(cfg, source)
+        metrics = train(cfg, run_dir, threads=threads, live=live, from_run=source)
     except (DlfsError, OSError) as ex:
         if isinstance(ex, OSError):  # a file the run could not read or write: one line naming it
             ex = DlfsError(os_error_message(ex))
@@ -419,13 +420,15 @@ def _did_you_mean(ex: OmegaConfBaseException) -> str:
     return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(map(str, parent.keys()))})"
 
 
-FROM_RUN: list[Path] = []  # dlfs train from=PATH: the run this one starts from (train() records it)
+# dlfs train from=PATH: the run this one starts from, recorded by train(); in the environment, so that the jobs
+# a launcher runs in processes of its own (hydra/launcher=joblib) have it too
+FROM_ENV = "DLFS_FROM_RUN"
 
 
 def _from_run(args: list[str]) -> list[str]:
     """from=PATH: a new run, in a folder of its own, from an earlier run's config. Hydra composes the config
     as it did for that run, from its recorded command-line overrides, then the ones given now (later wins)."""
-    FROM_RUN.clear()  # a command before this one in the same process (tests, scripts) may have set it
+    os.environ.pop(FROM_ENV, None)  # a command before this one in the same process (tests, scripts) may have set it
     values = [a.partition("=")[2] for a in args if a.startswith("from=")]
     if not values:
         return args
@@ -456,7 +459,7 @@ def _from_run(args: list[str]) -> list[str]:
         if not o.lstrip("+~").startswith(("hydra.", "resume=", "from="))
         and o.lstrip("+~").partition("=")[0] not in given
     ]
-    FROM_RUN[:] = [path.resolve()]
+    os.environ[FROM_ENV] = str(path.resolve())
     at = args.index(next(a for a in args if a.startswith("from=")))  # among the overrides, after any option
     return [*rest[:at], *kept, *rest[at:]]
 

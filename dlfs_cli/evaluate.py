@@ -14,7 +14,7 @@ from dlfs_cli.config import typed_config
 from dlfs_cli.data import build_data
 from dlfs_cli.distributed import resolve_device, set_tf32
 from dlfs_cli.models import RECONSTRUCTS
-from dlfs_cli.tracking import CHECKPOINT_DIR
+from dlfs_cli.tracking import CHECKPOINT_DIR, phase
 from dlfs_cli.trainer import evaluate
 
 
@@ -81,8 +81,8 @@ def print_comparison(run_dir: Path, checkpoint: str, result: dict[str, Any]) -> 
 
 def run_eval(run: str, checkpoint: str, device: str | None) -> dict[str, float]:
     run_dir = Path(run).expanduser()
-    with torch.random.fork_rng(devices=[]):  # evaluation draws no random numbers, but never disturbs any
-        result = evaluate_run(run_dir, checkpoint, device)
+    with torch.random.fork_rng(devices=[]), phase(f"evaluating {run_dir / 'checkpoints' / checkpoint}.pt"):
+        result = evaluate_run(run_dir, checkpoint, device)  # evaluation draws no random numbers, nor disturbs any
     if not print_comparison(run_dir, checkpoint, result):
         if result["batch_in_epoch"]:
             print(

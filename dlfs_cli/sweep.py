@@ -57,6 +57,7 @@ class SweepFolder(Callback):
         self.metric = "val_loss"
         self.direction = "auto"
         self.optuna = False  # hydra/sweeper=optuna
+        self.first_job = 0  # the number of this command's first job (a continued Optuna study's is not 0)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if str(config.hydra.sweeper.get("_target_", "")).endswith("OptunaSweeper") and not optuna_plugin():
@@ -65,6 +66,7 @@ class SweepFolder(Callback):
             raise UserError("hydra/sweeper=optuna needs hydra-optuna-sweeper: pip install 'dlfs-cli[optuna]'")
         self.optuna = str(config.hydra.sweeper.get("_target_", "")).endswith("OptunaSweeper")
         self.path = Path(str(config.hydra.sweep.dir))  # resolved once: ${now:} is cached by Hydra
+        self.first_job = len(job_folders(self.path))
         self.metric = str(config.sweep.metric)
         self.direction = str(getattr(config.sweep.direction, "value", config.sweep.direction))
         SweepFolder.current = self
@@ -92,6 +94,15 @@ def in_sweep() -> bool:
     from hydra.types import RunMode
 
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def first_job() -> bool:
+    """True outside a sweep, and in a sweep's first job (job 0, or the first of a study continued by a resume):
+    what is shown once per sweep, not once per job."""
+    if not in_sweep():
+        return True
+    first = SweepFolder.current.first_job if SweepFolder.current is not None else 0
+    return int(HydraConfig.get().job.num) == first
 
 
 def _launcher() -> tuple[str, DictConfig]:

@@ -281,6 +281,18 @@ class ProgressDisplay:
         if self._progress is not None:
             self._progress.stop()
 
+    @contextmanager
+    def showing(self, what: str) -> Iterator[None]:
+        """A phase between the batches (an evaluation): named on the batch bar while it lasts."""
+        if self._progress is None:
+            yield
+            return
+        self._progress.update(self._batch_task, description=what, loss="")
+        try:
+            yield
+        finally:
+            self._progress.update(self._batch_task, description="batches")
+
     def due(self) -> bool:
         """True at most every REFRESH_S seconds: only then is the loss worth a host sync."""
         if not self.live:

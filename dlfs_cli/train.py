@@ -15,7 +15,7 @@ from typing import Any, cast
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dlfs_cli import __version__, distributed, lifecycle
+from dlfs_cli import __version__, distributed, lifecycle, sweep
 from dlfs_cli.checkpoint import Checkpoint, config_hash
 from dlfs_cli.config import validate
 from dlfs_cli.data import DataBundle, DataInfo, build_data
@@ -165,7 +165,7 @@ def _open_run(
     columns = metric_names(cfg.loss.name, sequence=info.vocab is not None)
     run.start(cfg, fields, columns, resume_step=None if state is None else state.step)
     if world.main:
-        if cfg.verbose:
+        if cfg.verbose and sweep.first_job():  # a sweep's jobs differ only by their overrides, which Hydra logs
             print_config_tree(cfg)
     else:
         for handler in logging.getLogger().handlers:  # the console: rank 0 speaks for the run

@@ -307,7 +307,8 @@ class Trainer:
                 self.data_rng = generator.get_state() if generator is not None else None  # the next epoch's
                 shown = None
                 if epoch % self.cfg.eval_every == 0 or epoch == epochs:
-                    shown = self._evaluate_epoch(val_loader, test_loader, epoch, last=epoch == epochs)
+                    with progress.showing("evaluating"):  # the bar says so while the held-out splits run
+                        shown = self._evaluate_epoch(val_loader, test_loader, epoch, last=epoch == epochs)
                 self._save("last.pt")
                 progress.epoch(epoch, train_loss, shown)
         return self.final

@@ -142,9 +142,26 @@ def test_from_starts_a_new_run_from_an_earlier_runs_config(run_here, tmp_path: P
         assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # joblib's worker processes each import torch (~8 s)
+def test_jobs_in_other_processes_record_the_run_they_started_from(run_here, tmp_path: Path) -> None:
+    source = ["trainer.epochs=1", "trainer.limit_batches=2", "device=cpu", "figures.enabled=false"]
+    assert run_here("train", *source, "hydra.run.dir=src", cwd=tmp_path).returncode == 0
+    out = run_here(
+        "train", "-m", "from=src", "seed=1,2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+        "hydra.sweep.dir=sw", cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    for job in ("0", "1"):
+        summary = json.loads((tmp_path / "sw" / job / "summary.json").read_text())
+        assert summary["from_run"] == str((tmp_path / "src").resolve())
+
+
 def test_the_config_tree_is_shown_on_request_only(run_here, tmp_path: Path) -> None:
     quiet = run_here("train", "trainer.epochs=0", "device=cpu", "hydra.run.dir=a", cwd=tmp_path)
     loud = run_here("train", "trainer.epochs=0", "device=cpu", "verbose=true", "hydra.run.dir=b", cwd=tmp_path)
     assert quiet.returncode == loud.returncode == 0
     assert "── optimizer" not in quiet.stdout + quiet.stderr
     assert "── optimizer" in loud.stdout + loud.stderr
+    # a sweep shows it once, for its first job: the others differ by the overrides Hydra logs for each
+    sweep = run_here("train", "-m", "trainer.epochs=0", "device=cpu", "verbose=true", "seed=1,2,3", cwd=tmp_path)
+    assert sweep.returncode == 0 and (sweep.stdout + sweep.stderr).count("── optimizer") == 1

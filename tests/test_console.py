@@ -41,3 +41,32 @@ def test_a_long_phase_says_what_it_does(terminal: io.StringIO, caplog: pytest.Lo
         with tracking.phase("drawing the figures"):
             pass
     assert "drawing the figures ..." in caplog.text  # a file or a pipe gets a line
+
+
+def test_an_evaluation_is_named_on_the_bar(terminal: io.StringIO, make_cfg, tmp_path, monkeypatch) -> None:
+    """While the held-out splits are evaluated the batch bar says so, then shows batches again."""
+    from conftest import SMOKE
+
+    from dlfs_cli import trainer
+    from dlfs_cli.train import train
+
+    bars: list[tracking.ProgressDisplay] = []
+    enter = tracking.ProgressDisplay.__enter__
+
+    def remember(self: tracking.ProgressDisplay) -> tracking.ProgressDisplay:
+        bars.append(self)
+        return enter(self)
+
+    seen: list[str] = []
+    evaluate = trainer.evaluate
+
+    def spy(*args, **kwargs):
+        assert bars[-1]._progress is not None
+        seen.append(bars[-1]._progress.tasks[1].description)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(tracking.ProgressDisplay, "__enter__", remember)
+    monkeypatch.setattr(trainer, "evaluate", spy)
+    train(make_cfg(*SMOKE, "figures.enabled=false"), tmp_path / "run")
+    assert seen == ["evaluating"] * 3  # val after epochs 1 and 2, test after the last
+    assert bars[-1]._progress is not None and bars[-1]._progress.tasks[1].description == "batches"
