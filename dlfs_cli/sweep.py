@@ -288,7 +288,7 @@ def summarize(sweep: SweepFolder, print_tables: bool = True) -> list[Run]:
             [*g["setting"].values(), g["n"], *(csv_cell(g[m][i]) for m in metrics for i in (0, 1))] for g in groups
         ]
         _write_csv(sweep.path / SEEDS_CSV, seed_header, seed_rows)
-    picture = _draw(jobs, sweep.metric, sweep.path / SWEEP_PNG)
+    picture = _draw(jobs, sweep.metric, sweep.path / SWEEP_PNG, sweep.optuna)
     if print_tables:
         _print(sweep, ranked, groups, metrics, direction)
         if picture is not None:
@@ -296,12 +296,12 @@ def summarize(sweep: SweepFolder, print_tables: bool = True) -> list[Run]:
     return [r for r in jobs if r.status != "completed"]
 
 
-def _draw(jobs: list[Run], metric: str, path: Path) -> Path | None:
+def _draw(jobs: list[Run], metric: str, path: Path, searched: bool) -> Path | None:
     """sweep.png: a by-product, like a run's figures: one that fails is reported and the sweep goes on."""
     from dlfs_cli.sweep_figure import draw_sweep  # matplotlib: only when the sweep has ended
 
     try:
-        return draw_sweep(jobs, metric, path)
+        return draw_sweep(jobs, metric, path, searched)
     except Exception as ex:  # noqa: BLE001
         log.warning("%s could not be drawn: %s: %s", path.name, type(ex).__name__, ex)
         return None

@@ -25,8 +25,19 @@ from dlfs_cli.tracking import METRICS_FILE, Losses, read_losses, spans_decades  
 MAX_LABELLED = 10  # curves beyond this many are drawn but left out of the legend
 
 
-def draw_sweep(jobs: list[Run], metric: str, path: Path) -> Path | None:
-    """Write the sweep's picture to `path`; None when there is nothing to draw (no job has `metric`)."""
+def draw_sweep(jobs: list[Run], metric: str, path: Path, searched: bool = False) -> Path | None:
+    """Write the sweep's picture to `path`; None when there is nothing to draw (no job has `metric`).
+    searched: the values were proposed by a search (Optuna), not a grid: points, not joined by lines."""
+    fig = sweep_figure(jobs, metric, f"{path.parent.name}: ", searched)
+    if fig is None:
+        return None
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def sweep_figure(jobs: list[Run], metric: str, title: str = "", searched: bool = False) -> Any:
+    """The figure draw_sweep saves (matplotlib's Figure), or None when no job has `metric`."""
     done = [r for r in jobs if r.status == "completed" and _finite(r.metrics.get(metric))]
     if not done:
         return None
@@ -34,16 +45,14 @@ def draw_sweep(jobs: list[Run], metric: str, path: Path) -> Path | None:
     panels = len(params) + 1
     fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.2), squeeze=False)
     for ax, param in zip(axes[0], params, strict=False):
-        _metric_against(ax, done, param, [k for k in params if k != param], metric)
+        _metric_against(ax, done, param, [k for k in params if k != param], metric, searched)
     _curves(axes[0][-1], jobs, params)
-    fig.suptitle(f"{path.parent.name}: {len(jobs)} jobs, {len(done)} with {metric}")
+    fig.suptitle(f"{title}{len(jobs)} jobs, {len(done)} with {metric}")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def _metric_against(ax: Any, jobs: list[Run], param: str, others: list[str], metric: str) -> None:
+def _metric_against(ax: Any, jobs: list[Run], param: str, others: list[str], metric: str, searched: bool) -> None:
     """One line per setting of the other swept parameters; the seeds of a point as mean +- std."""
     numbers = {r.overrides.get(param, ""): _number(r.overrides.get(param)) for r in jobs}
     numeric = {v: n for v, n in numbers.items() if n is not None}
@@ -62,8 +71,10 @@ def _metric_against(ax: Any, jobs: list[Run], param: str, others: list[str], met
         at = [x[v] for v in xs]
         means = [statistics.fmean(points[v]) for v in xs]
         stds = [statistics.stdev(points[v]) if len(points[v]) > 1 else 0.0 for v in xs]
-        label = ", ".join(f"{k}={v}" for k, v in zip(others, line, strict=True)) or None
-        ax.errorbar(at, means, yerr=stds, marker="o", capsize=3, label=label)
+        label = ", ".join(f"{k}={_short(v)}" for k, v in zip(others, line, strict=True)) or None
+        ax.errorbar(at, means, yerr=stds, marker="o", capsize=3, label=label, linestyle="none" if searched else "-")
+    if spans_decades(r.metrics[metric] for r in jobs):  # a loss from 10 to 1e25 (a search that nearly diverged)
+        ax.set_yscale("log")
     if len(numeric) == len(numbers):
         low, high = min(numeric.values()), max(numeric.values())
         if low > 0 and high / low >= 10:  # rates, decays: a log scale
@@ -81,7 +92,7 @@ def _curves(ax: Any, jobs: list[Run], params: list[str]) -> None:
     every_loss: list[float] = []
     for i, r in enumerate(jobs):
         losses = _losses(r.path / METRICS_FILE)
-        label = ", ".join(f"{k}={r.overrides.get(k, '')}" for k in params) or f"job {r.job}"
+        label = ", ".join(f"{k}={_short(r.overrides.get(k, ''))}" for k in params) or f"job {r.job}"
         if r.overrides.get("seed"):
             label += f", seed {r.overrides['seed']}"
         colour = f"C{i % 10}"
@@ -104,6 +115,12 @@ def _losses(path: Path) -> Losses:
         return read_losses(path)
     except (OSError, csv.Error):
         return {"train": [], "val": [], "test": []}  # a job refused before it trained has no metrics.csv
+
+
+def _short(value: str) -> str:
+    """A value as a legend shows it: a number an Optuna search proposed (0.548858622576932) to 4 digits."""
+    number = _number(value)
+    return f"{number:.4g}" if number is not None and len(value) > 8 else value
 
 
 def _number(text: str | None) -> float | None:

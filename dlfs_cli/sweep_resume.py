@@ -58,6 +58,7 @@ def resume_sweep(folder: Path) -> tuple[list[Run], list[str] | None]:
             return [], _command_of(folder, saved)
     sweep = SweepFolder()
     sweep.path, sweep.metric, sweep.direction = folder, *_ranking(jobs)
+    sweep.optuna = saved is not None
     return summarize(sweep), None
 
 

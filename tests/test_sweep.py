@@ -221,3 +221,33 @@ def test_sweep_png_draws_words_and_numbers_and_nothing_without_the_metric(tmp_pa
     path = draw_sweep(jobs, "val_loss", tmp_path / "sweep.png")
     assert path is not None and path.read_bytes().startswith(b"\x89PNG") and path.stat().st_size > 10_000
     assert draw_sweep(jobs, "val_accuracy", tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+
+
+def test_sweep_png_of_a_search_shows_points_on_the_metrics_scale_with_short_labels(tmp_path: Path) -> None:
+    """An Optuna search: values like 0.548858622576932 (legends show 4 digits), a loss from 5e3 to 2e25 (a log
+    axis, else all but one point sit on zero), points not joined (the order of a search's values means nothing)."""
+    from dlfs_cli.runs import Run
+    from dlfs_cli.summary import Summary
+    from dlfs_cli.sweep_figure import sweep_figure
+
+    jobs = []
+    for i, (lr, loss) in enumerate(
+        [("0.548858622576932", 3e8), ("0.4237124338589708", 5e3), ("0.5449286946785", 2e25)]
+    ):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        (folder / "metrics.csv").write_text(f"epoch,step,split,lr,loss,elapsed_s\n1,5,train,{lr},{loss},1\n")
+        jobs.append(
+            Run(folder, Summary().update(status="completed", metrics={"val_loss": loss}), {"optimizer.lr": lr}, i)
+        )
+    fig = sweep_figure(jobs, "val_loss", searched=True)
+    against, curves = fig.axes
+    assert against.get_yscale() == "log" and curves.get_yscale() == "log"
+    assert {line.get_linestyle() for line in against.get_lines()} == {"None"}  # the points (and error bar caps)
+    assert [t.get_text() for t in curves.get_legend().get_texts()] == [
+        "optimizer.lr=0.5489",
+        "optimizer.lr=0.4237",
+        "optimizer.lr=0.5449",
+    ]
+    grid = sweep_figure(jobs, "val_loss")  # a grid's values are joined in their order
+    assert "-" in [line.get_linestyle() for line in grid.axes[0].get_lines()]
