@@ -265,6 +265,9 @@ def _train_command(args: list[str]) -> None:
         if folder.path is not None:
             runlock.drop_refused(folder.path)  # a sweep whose launcher never ran a job
         _fail(f"the sweep ended early: {type(ex).__name__}: {explain(ex)}")
+    finally:
+        if multirun:
+            sweep.release_workers()
 
 
 def _sweep_app() -> None:
@@ -420,15 +423,15 @@ def _did_you_mean(ex: OmegaConfBaseException) -> str:
     return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(map(str, parent.keys()))})"
 
 
-# dlfs train from=PATH: the run this one starts from, recorded by train(); in the environment, so that the jobs
-# a launcher runs in processes of its own (hydra/launcher=joblib) have it too
+# dlfs train from=PATH: the run this one starts from, recorded by train(). Handed to the job as an environment
+# variable that Hydra sets while the job runs (hydra.job.env_set), so that the jobs a launcher runs in processes
+# of its own (hydra/launcher=joblib, whose workers outlive a sweep) have it, and only those jobs
 FROM_ENV = "DLFS_FROM_RUN"
 
 
 def _from_run(args: list[str]) -> list[str]:
     """from=PATH: a new run, in a folder of its own, from an earlier run's config. Hydra composes the config
     as it did for that run, from its recorded command-line overrides, then the ones given now (later wins)."""
-    os.environ.pop(FROM_ENV, None)  # a command before this one in the same process (tests, scripts) may have set it
     values = [a.partition("=")[2] for a in args if a.startswith("from=")]
     if not values:
         return args
@@ -459,9 +462,11 @@ def _from_run(args: list[str]) -> list[str]:
         if not o.lstrip("+~").startswith(("hydra.", "resume=", "from="))
         and o.lstrip("+~").partition("=")[0] not in given
     ]
-    os.environ[FROM_ENV] = str(path.resolve())
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    handed = _quoted(OverridesParser.create(), f"+hydra.job.env_set.{FROM_ENV}", str(path.resolve()))
     at = args.index(next(a for a in args if a.startswith("from=")))  # among the overrides, after any option
-    return [*rest[:at], *kept, *rest[at:]]
+    return [*rest[:at], *kept, *rest[at:], handed]
 
 
 def _check_from_run(cfg: DictConfig, source: Path) -> None:

@@ -22,6 +22,7 @@ import math
 import os
 import signal
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,15 @@ def first_job() -> bool:
         return True
     first = SweepFolder.current.first_job if SweepFolder.current is not None else 0
     return int(HydraConfig.get().job.num) == first
+
+
+def release_workers() -> None:
+    """The end of a sweep's command: hydra/launcher=joblib's worker processes (loky's, which outlive a sweep to
+    be reused) go. They keep the working folder and environment they started with, so a later sweep in the
+    same process (a script, the tests) would write its relative hydra.sweep.dir under the old folder."""
+    loky = sys.modules.get("joblib.externals.loky")
+    if loky is not None:
+        loky.get_reusable_executor().shutdown(wait=True)
 
 
 def _launcher() -> tuple[str, DictConfig]:

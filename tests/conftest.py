@@ -34,14 +34,6 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(threads)
 
 
-@pytest.fixture(autouse=True)
-def _no_from_run_after_a_test() -> object:
-    """`dlfs train from=PATH` puts PATH in the environment for its jobs (cli.FROM_ENV); a command run in the
-    test's process leaves it there, where a later test calling the job function directly would find it."""
-    yield
-    os.environ.pop(cli.FROM_ENV, None)
-
-
 # A run small enough for a test: the whole Boston train split is 12 batches of 32.
 SMOKE = ["trainer.epochs=2", "trainer.limit_batches=3", "device=cpu"]
 # What every run folder holds (README, "The run folder"); a run started by the CLI also has .hydra/.
