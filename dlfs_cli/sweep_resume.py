@@ -71,9 +71,8 @@ def optuna_sweep(folder: Path) -> DictConfig | None:
         saved = OmegaConf.load(folder / MULTIRUN_FILE)
     except (OSError, ValueError, yaml.YAMLError) as ex:
         raise DlfsError(f"resume={folder}: cannot read {MULTIRUN_FILE}: {ex}") from None
-    if not isinstance(saved, DictConfig) or not str(OmegaConf.select(saved, "hydra.sweeper._target_") or "").endswith(
-        "OptunaSweeper"
-    ):
+    sweeper = OmegaConf.select(saved, "hydra.sweeper._target_") if isinstance(saved, DictConfig) else None
+    if not isinstance(saved, DictConfig) or not str(sweeper or "").endswith("OptunaSweeper"):
         return None
     if not optuna_plugin():
         raise DlfsError(f"resume={folder} continues an Optuna study: pip install 'dlfs-cli[optuna]'")
