@@ -34,6 +34,11 @@ from dlfs_cli.runs import Run
 from dlfs_cli.sweep import MULTIRUN_FILE, job_folders
 from dlfs_cli.tracking import log
 
+# Optuna's own lines ("A new study created in RDB ...") in dlfs's format, through the console's handler,
+# not in its coloured one
+optuna.logging.disable_default_handler()
+optuna.logging.enable_propagation()
+
 JOB, SWEEP, AGAIN = "dlfs_job", "dlfs_sweep", "dlfs_run_again_of"  # trial user attributes
 RESULTS_FILE = "optimization_results.yaml"  # the plugin's record of the best trial, in the sweep folder
 

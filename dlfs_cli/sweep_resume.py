@@ -11,6 +11,9 @@ now are told to it, then the trials it had not run yet are launched into the sam
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -21,7 +24,7 @@ from dlfs_cli.config import optuna_plugin
 from dlfs_cli.errors import DlfsError, exit_code_of
 from dlfs_cli.runs import OVERRIDES_FILE, Run, read_run
 from dlfs_cli.sweep import MULTIRUN_FILE, SweepFolder, job_folders, summarize
-from dlfs_cli.tracking import CONFIG_FILE, SUMMARY_FILE, log
+from dlfs_cli.tracking import CONFIG_FILE, SUMMARY_FILE, console_log_handler, log
 
 NOT_AGAIN = ("completed", "diverged")
 
@@ -44,14 +47,16 @@ def resume_sweep(folder: Path) -> tuple[list[Run], list[str] | None]:
         study = optuna_study.study_of(folder, saved)  # before any job runs: a study that is gone is said first
     jobs = [r for r in (read_run(p) for p in job_folders(folder)) if r is not None]
     todo = [r for r in jobs if r.status not in NOT_AGAIN]
-    log.info("resume: sweep %s: %d jobs, %d to run again", folder, len(jobs), len(todo))
-    for job in todo:
-        if lifecycle.requested() is not None:
-            break  # a signal stopped the job before: the rest are left as they are
-        _run_again(job)
+    with _console():
+        log.info("resume: sweep %s: %d jobs, %d to run again", folder, len(jobs), len(todo))
+        for job in todo:
+            if lifecycle.requested() is not None:
+                break  # a signal stopped the job before: the rest are left as they are
+            _run_again(job)
+        if saved is not None and study is not None:
+            again = [r for r in (read_run(j.path) for j in todo) if r is not None]
+            optuna_study.tell_again(folder, saved, study, again)
     if saved is not None and study is not None:
-        again = [r for r in (read_run(j.path) for j in todo) if r is not None]
-        optuna_study.tell_again(folder, saved, study, again)
         left = optuna_study.trials_left(folder, saved)
         if left > 0 and lifecycle.requested() is None:
             log.info("resume: the study runs its %d trials not yet run", left)
@@ -60,6 +65,20 @@ def resume_sweep(folder: Path) -> tuple[list[Run], list[str] | None]:
     sweep.path, sweep.metric, sweep.direction = folder, *_ranking(jobs)
     sweep.optuna = saved is not None
     return summarize(sweep), None
+
+
+@contextmanager
+def _console() -> Iterator[None]:
+    """The jobs' lines on the console, as under Hydra (conf/hydra/job_logging/dlfs.yaml), which configures no
+    logging for this part of the command: else a resume trains in silence. Removed after: a study that goes on
+    runs under Hydra again, with its own. In place of any handlers left by an earlier command in this process."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    root.handlers, root.level = [console_log_handler()], logging.INFO
+    try:
+        yield
+    finally:
+        root.handlers, root.level = handlers, level
 
 
 def optuna_sweep(folder: Path) -> DictConfig | None:

@@ -48,6 +48,9 @@ def test_a_sweep_finishes_what_failed_or_was_interrupted(run_here, make_cfg, tmp
     out = run_here("train", "resume=sw", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert [status(sweep / j) for j in "012"] == ["completed"] * 3
+    # the jobs say what they do, as in a sweep (this part of the command runs outside Hydra's logging)
+    assert "resume: sweep sw: 3 jobs, 3 to run again" in out.stdout
+    assert out.stdout.count("completed: val_loss") == 3
     with open(sweep / "summary.csv", newline="") as f:
         assert [r["status"] for r in csv.DictReader(f)] == ["completed"] * 3
     assert (sweep / "sweep.png").exists()
