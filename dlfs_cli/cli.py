@@ -69,7 +69,9 @@ def _train_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> float | None:
         from dlfs_cli.train import train
 
         threads, live = (sweep.job_threads(), sweep.in_process()) if multirun else (None, True)
-        source = Path(os.environ[FROM_ENV]) if os.environ.get(FROM_ENV) else None
+        # the job's own setting: never a stale variable of the environment
+        handed = HydraConfig.get().job.env_set.get(FROM_ENV) if HydraConfig.initialized() else None
+        source = Path(handed) if handed else None
         if source is not None:
             _check_from_run(cfg, source)
         metrics = train(cfg, run_dir, threads=threads, live=live, from_run=source)
@@ -423,9 +425,9 @@ def _did_you_mean(ex: OmegaConfBaseException) -> str:
     return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(map(str, parent.keys()))})"
 
 
-# dlfs train from=PATH: the run this one starts from, recorded by train(). Handed to the job as an environment
-# variable that Hydra sets while the job runs (hydra.job.env_set), so that the jobs a launcher runs in processes
-# of its own (hydra/launcher=joblib, whose workers outlive a sweep) have it, and only those jobs
+# dlfs train from=PATH: the run this one starts from, recorded by train(). Handed to the job in its Hydra config
+# (hydra.job.env_set, which Hydra also sets in the environment while the job runs), so that the jobs a launcher
+# runs in processes of its own (hydra/launcher=joblib) have it, and only those jobs
 FROM_ENV = "DLFS_FROM_RUN"
 
 
@@ -615,6 +617,7 @@ def prepare_overrides(args: list[str], multirun: bool) -> list[str]:
     from hydra.core.override_parser.types import Override
 
     parser = OverridesParser.create()
+    options: list[str] = []  # first: Hydra's parser takes no option after an override (`a=1 -m b=2`)
     out: list[str] = []
     takes_value = False
     takes_info_value = False
@@ -622,10 +625,10 @@ def prepare_overrides(args: list[str], multirun: bool) -> list[str]:
         if takes_value or arg.startswith("-"):
             takes_value = arg in _OPTIONS_WITH_VALUE
             takes_info_value = arg in ("-i", "--info")
-            out.append(arg)
+            options.append(arg)
             continue
         if takes_info_value and arg in _INFO_CHOICES:
-            out.append(arg)
+            options.append(arg)
             continue
         key, eq, value = arg.partition("=")
         bare = key.lstrip("+~").strip()
@@ -652,7 +655,7 @@ def prepare_overrides(args: list[str], multirun: bool) -> list[str]:
             out.append(arg)
             continue
         out.append(_quoted(parser, key, value))
-    return out
+    return [*options, *out]
 
 
 def _quoted(parser: OverridesParser, key: str, value: str) -> str:

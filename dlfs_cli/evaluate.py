@@ -81,8 +81,9 @@ def print_comparison(run_dir: Path, checkpoint: str, result: dict[str, Any]) -> 
 
 def run_eval(run: str, checkpoint: str, device: str | None) -> dict[str, float]:
     run_dir = Path(run).expanduser()
-    with torch.random.fork_rng(devices=[]), phase(f"evaluating {run_dir / 'checkpoints' / checkpoint}.pt"):
-        result = evaluate_run(run_dir, checkpoint, device)  # evaluation draws no random numbers, nor disturbs any
+    # evaluation draws no random numbers, but never disturbs any
+    with torch.random.fork_rng(devices=[]), phase(f"evaluating {run_dir / CHECKPOINT_DIR / checkpoint}.pt"):
+        result = evaluate_run(run_dir, checkpoint, device)
     if not print_comparison(run_dir, checkpoint, result):
         if result["batch_in_epoch"]:
             print(

@@ -38,6 +38,7 @@ OWN_FILES = frozenset({".hydra", LOCK_FILE, "multirun.yaml"})
 
 _held: dict[Path, int] = {}  # resolved folder -> the open lock file (closing it releases the lock)
 MADE: set[Path] = set()  # resolved folders this process created for a run or sweep (a refusal removes them)
+CONTINUED: set[Path] = set()  # resolved sweep folders whose sweep this process continues (an Optuna study's resume)
 
 
 def _forget_in_child() -> None:
@@ -126,6 +127,7 @@ def release_all() -> None:
     """Every lock this process holds (the CLI, when its command ends: a test may run the next in-process)."""
     for folder in list(_held):
         release(folder)
+    CONTINUED.clear()
 
 
 def holder(folder: Path) -> str | None:
@@ -231,7 +233,7 @@ def _guard(config: DictConfig, key: str) -> None:
                     "wait for it to end, or stop it first"
                 ) from None
             return
-        if key == "hydra.sweep.dir" and holds(folder):
+        if key == "hydra.sweep.dir" and folder.resolve() in CONTINUED and holds(folder):
             return  # resume=<sweep folder>: this process finishes the sweep, and its Optuna study goes on there
         check_new_folder(folder, key)
         try:

@@ -37,7 +37,7 @@ def is_sweep_folder(folder: Path) -> bool:
 def resume_sweep(folder: Path) -> tuple[list[Run], list[str] | None]:
     """Run the sweep's unfinished jobs again, then summarise the sweep. Returns the jobs still not completed,
     and for an Optuna study with trials still to run the command that runs them (`dlfs train` arguments:
-    that sweep then summarises every job)."""
+    that sweep then summarises every job, in this process, which keeps the folder's lock for it)."""
     runlock.acquire(folder)  # one process finishes a sweep at a time
     saved = optuna_sweep(folder)
     study = None
@@ -54,17 +54,20 @@ def resume_sweep(folder: Path) -> tuple[list[Run], list[str] | None]:
                 break  # a signal stopped the job before: the rest are left as they are
             _run_again(job)
         if saved is not None and study is not None:
-            again = [r for r in (read_run(j.path) for j in todo) if r is not None]
-            optuna_study.tell_again(folder, saved, study, again)
-    if saved is not None and study is not None:
-        left = optuna_study.trials_left(folder, saved)
-        if left > 0 and lifecycle.requested() is None:
+            optuna_study.tell_again(folder, saved, study)
+    if saved is not None and study is not None and lifecycle.requested() is None:
+        left = optuna_study.trials_left(folder, saved, study)
+        if left > 0:
             log.info("resume: the study runs its %d trials not yet run", left)
+            runlock.CONTINUED.add(folder.resolve())
             return [], _command_of(folder, saved)
     sweep = SweepFolder()
     sweep.path, sweep.metric, sweep.direction = folder, *_ranking(jobs)
     sweep.optuna = saved is not None
-    return summarize(sweep), None
+    try:
+        return summarize(sweep), None
+    finally:
+        runlock.release(folder)
 
 
 @contextmanager
@@ -103,10 +106,12 @@ def _command_of(folder: Path, saved: DictConfig) -> list[str]:
     """The sweep's own `dlfs train -m` arguments, as Hydra recorded them, into `folder` as it is now."""
     from dlfs_cli.cli import prepare_overrides
 
-    recorded = saved.hydra.overrides.hydra
-    hydra = [o for o in recorded if o.partition("=")[0].lstrip("+~") not in ("hydra.sweep.dir", "hydra.mode")]
+    # as recorded: an interpolation in them (hydra.sweep.subdir=${hydra.job.num}) is the job's to resolve
+    recorded = OmegaConf.to_container(saved.hydra.overrides, resolve=False)
+    assert isinstance(recorded, dict)
+    hydra = [o for o in recorded["hydra"] if o.partition("=")[0].lstrip("+~") not in ("hydra.sweep.dir", "hydra.mode")]
     here = prepare_overrides([f"hydra.sweep.dir={folder.resolve()}"], multirun=False)
-    return ["-m", *hydra, *here, *saved.hydra.overrides.task]
+    return ["-m", *hydra, *here, *recorded["task"]]
 
 
 def _run_again(job: Run) -> None:

@@ -125,7 +125,9 @@ def test_from_starts_a_new_run_from_an_earlier_runs_config(run_here, tmp_path: P
     assert summary["from_run"] == str((tmp_path / "src").resolve()) and summary["status"] == "completed"
     assert (tmp_path / "src" / "summary.json").read_text() == before
     assert "optimizer.lr=0.02" not in (tmp_path / "new" / ".hydra" / "overrides.yaml").read_text()
-    out = run_here("train", "-m", "from=src", "optimizer.lr=0.01,0.005", "hydra.sweep.dir=sw", cwd=tmp_path)
+    shown = run_here("train", "from=src", "--cfg", "job", cwd=tmp_path)  # an option after from=
+    assert shown.returncode == 0 and "lr: 0.02" in shown.stdout, shown.stderr
+    out = run_here("train", "from=src", "-m", "optimizer.lr=0.01,0.005", "hydra.sweep.dir=sw", cwd=tmp_path)
     assert out.returncode == 0, out.stderr  # a sweep from it: each job with the recorded choices
     for job, lr in (("0", 0.01), ("1", 0.005)):
         config = yaml.safe_load((tmp_path / "sw" / job / "config.yaml").read_text())
@@ -154,6 +156,14 @@ def test_jobs_in_other_processes_record_the_run_they_started_from(run_here, tmp_
     for job in ("0", "1"):
         summary = json.loads((tmp_path / "sw" / job / "summary.json").read_text())
         assert summary["from_run"] == str((tmp_path / "src").resolve())
+
+
+def test_options_may_come_after_the_overrides(run_here, tmp_path: Path) -> None:
+    """Hydra's parser takes no option after an override (`a=1 -m b=2` was argparse's usage text): dlfs puts them
+    first."""
+    out = run_here("train", "trainer.epochs=0", "device=cpu", "-m", "seed=1,2", "hydra.sweep.dir=sw", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in (tmp_path / "sw").iterdir() if p.name.isdigit()) == ["0", "1"]
 
 
 def test_the_config_tree_is_shown_on_request_only(run_here, tmp_path: Path) -> None:

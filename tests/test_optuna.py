@@ -230,12 +230,14 @@ def test_a_killed_study_continues_in_its_own_folder(run_here, tmp_path: Path) ->
 
 def test_a_resume_tells_the_study_what_its_jobs_did(tmp_path: Path) -> None:
     """The study's side of resume=<sweep folder> (optuna_study.tell_again, trials_left), on a study as a killed
-    sweep leaves it: trial 0 completed, trial 1 failed, trial 2 still RUNNING, 5 trials asked for."""
+    sweep of batches of 2 (n_jobs=2) leaves it: trial 0 completed; trials 1 and 2 a batch, whose job 1 failed
+    and job 2 completed but was never told (the plugin tells a batch once it has all returned); trial 3 still
+    RUNNING (its job killed); 6 trials asked for. The resume ran job 1 again (completed now) and job 3 (which
+    diverged): jobs 1 and 2 are told, job 3's trial is failed."""
     needs_the_plugin()
     import optuna
 
     from dlfs_cli import optuna_study
-    from dlfs_cli.runs import Run
     from dlfs_cli.summary import Summary
 
     folder = tmp_path / "a sweep"
@@ -244,40 +246,62 @@ def test_a_resume_tells_the_study_what_its_jobs_did(tmp_path: Path) -> None:
         {
             "hydra": {
                 "sweep": {"dir": str(folder)},
-                "sweeper": {"storage": "sqlite:///${hydra.sweep.dir}/optuna.db", "study_name": "dlfs", "n_trials": 5},
+                "sweeper": {"storage": "sqlite:///${hydra.sweep.dir}/optuna.db", "study_name": "dlfs", "n_trials": 6},
             },
             "sweep": {"metric": "val_loss"},
         }
     )
     study = optuna.create_study(study_name="dlfs", storage=saved.hydra.sweeper.storage)
     lr = optuna.distributions.LogUniformDistribution(1e-3, 1e-1)
-    for job, state in enumerate(["COMPLETE", "FAIL", "RUNNING"]):
+    sweep_id = optuna_study.folder_id(folder)
+    # (state in the study, the job's status now, its val_loss now)
+    jobs = [("COMPLETE", "completed", 5.0), ("FAIL", "completed", 2.5), ("RUNNING", "completed", 4.0)]
+    jobs.append(("RUNNING", "diverged", None))
+    for n, (state, status, val_loss) in enumerate(jobs):
         trial = study.ask({"optimizer.lr": lr})
-        trial.set_user_attr(optuna_study.JOB, job)
-        trial.set_user_attr(optuna_study.SWEEP, str(folder.resolve()))
+        trial.set_user_attr(optuna_study.JOB, n)
+        trial.set_user_attr(optuna_study.SWEEP, sweep_id)
         if state != "RUNNING":
             study.tell(trial, 5.0 if state == "COMPLETE" else None, state=optuna.trial.TrialState[state])
-        (folder / str(job) / ".hydra").mkdir(parents=True)
-        (folder / str(job) / ".hydra" / "overrides.yaml").write_text(f"- optimizer.lr={trial.params['optimizer.lr']}\n")
+        hydra = folder / str(n) / ".hydra"  # the job folder, as Hydra and the job left it
+        hydra.mkdir(parents=True)
+        (hydra / "overrides.yaml").write_text(f"- optimizer.lr={trial.params['optimizer.lr']}\n")
+        (hydra / "hydra.yaml").write_text(f"hydra:\n  job:\n    num: {n}\n    name: train\n")
+        metrics = {} if val_loss is None else {"val_loss": val_loss}
+        Summary(status=status, metrics=metrics).save(folder / str(n) / "summary.json")
     stranger = study.ask({"optimizer.lr": lr})  # a trial of another folder's sweep sharing this storage
     stranger.set_user_attr(optuna_study.JOB, 1)
-    stranger.set_user_attr(optuna_study.SWEEP, str(tmp_path))
-    assert optuna_study.trials_left(folder, saved) == 2
+    stranger.set_user_attr(optuna_study.SWEEP, "another sweep's id")
+    assert optuna_study.trials_left(folder, saved, study) == 2 and optuna_study.next_job(folder) == 4
 
-    def job(n: int, status: str, val_loss: float | None) -> Run:
-        metrics = {} if val_loss is None else {"val_loss": val_loss}
-        return Run(folder / str(n), Summary(status=status, metrics=metrics), job=n)
-
-    # run again: job 1 now completed (better than job 0), job 2 diverged once more
-    optuna_study.tell_again(folder, saved, study, [job(1, "completed", 2.5), job(2, "diverged", math.nan)])
+    optuna_study.tell_again(folder, saved, study)
     trials = optuna.load_study(study_name="dlfs", storage=saved.hydra.sweeper.storage).trials
     states = [t.state.name for t in trials]
-    assert states == ["COMPLETE", "FAIL", "FAIL", "RUNNING", "COMPLETE"]  # the stranger is left alone
-    again = trials[4]
-    assert again.value == 2.5 and again.params == trials[1].params
-    assert again.user_attrs[optuna_study.JOB] == 1 and again.user_attrs[optuna_study.AGAIN] == 1
+    assert states == ["COMPLETE", "FAIL", "FAIL", "FAIL", "RUNNING", "COMPLETE", "COMPLETE"]  # the stranger: left
+    told = {t.user_attrs[optuna_study.JOB]: t for t in trials[5:]}
+    assert sorted(told) == [1, 2] and (told[1].value, told[2].value) == (2.5, 4.0)
+    assert told[1].params == trials[1].params and told[1].user_attrs[optuna_study.AGAIN] == 1
     best = OmegaConf.load(folder / optuna_study.RESULTS_FILE)
     assert best.best_value == 2.5 and best.best_params == trials[1].params
+    assert optuna_study.trials_left(folder, saved, study) == 2  # the trials told again were not asked for
+    optuna_study.tell_again(folder, saved, study)  # a second resume tells nothing twice
+    assert len(optuna.load_study(study_name="dlfs", storage=saved.hydra.sweeper.storage).trials) == len(trials)
+
+
+def test_a_study_that_cannot_be_opened_is_one_line(tmp_path: Path) -> None:
+    needs_the_plugin()
+    from dlfs_cli import optuna_study
+
+    def saved(storage: str | None) -> OmegaConf:
+        sweeper = {"storage": storage, "study_name": "dlfs", "n_trials": 6}
+        return OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path)}, "sweeper": sweeper}})
+
+    with pytest.raises(DlfsError, match=r"the sweep's Optuna study is not there: no file /nowhere/optuna.db$"):
+        optuna_study.study_of(tmp_path, saved("sqlite:////nowhere/optuna.db"))
+    (tmp_path / "junk.db").write_text("not a database")
+    with pytest.raises(DlfsError, match=r"cannot open the sweep's Optuna study in sqlite:///.*junk.db: "):
+        optuna_study.study_of(tmp_path, saved(f"sqlite:///{tmp_path / 'junk.db'}"))
+    assert optuna_study.study_of(tmp_path, saved(None)) is None  # in memory: the jobs are resumed alone
 
 
 def test_a_resume_runs_the_trials_left_with_the_sweeps_own_command(tmp_path: Path) -> None:
@@ -289,7 +313,13 @@ def test_a_resume_runs_the_trials_left_with_the_sweeps_own_command(tmp_path: Pat
     folder = tmp_path / "moved sweep"
     folder.mkdir()
     overrides = {
-        "hydra": ["hydra/sweeper=optuna", "hydra.sweeper.n_trials=6", "hydra.sweep.dir=old", "hydra.mode=MULTIRUN"],
+        "hydra": [
+            "hydra/sweeper=optuna",
+            "hydra.sweeper.n_trials=6",
+            "hydra.sweep.dir=old",
+            "hydra.mode=MULTIRUN",
+            "hydra.sweep.subdir=${hydra.job.num}_${hydra.job.override_dirname}",
+        ],  # fmt: skip
         "task": ["optimizer.lr=tag(log, interval(1e-4, 1))", "model=boston"],
     }
     sweeper = {"_target_": "hydra_plugins.dlfs_optuna_sweeper.DlfsOptunaSweeper"}
@@ -299,7 +329,9 @@ def test_a_resume_runs_the_trials_left_with_the_sweeps_own_command(tmp_path: Pat
     saved = sweep_resume.optuna_sweep(folder)
     assert saved is not None and saved.hydra.sweeper.storage == f"sqlite:///{folder.resolve()}/optuna.db"
     assert sweep_resume._command_of(folder, saved) == [
-        "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=6", f"hydra.sweep.dir={folder.resolve()}",
+        "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=6",
+        "hydra.sweep.subdir=${hydra.job.num}_${hydra.job.override_dirname}",  # the job's to resolve
+        f"hydra.sweep.dir={folder.resolve()}",
         "optimizer.lr=tag(log, interval(1e-4, 1))", "model=boston",
     ]  # fmt: skip
     sweeper["_target_"] = BASIC_SWEEPER  # any other sweeper: its jobs are resumed, there is no study
