@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dlfs_cli.errors import DlfsError
 from dlfs_cli.runs import read_run
-from dlfs_cli.sweep import MULTIRUN_FILE, job_folders
+from dlfs_cli.sweep import MULTIRUN_FILE, job_folders, next_job
 from dlfs_cli.tracking import log
 
 # Optuna's own lines ("A new study created in RDB ...") in dlfs's format, through the console's handler,
@@ -85,12 +85,6 @@ def folder_id(folder: Path) -> str:
     if not path.is_file():
         path.write_text(f"{uuid.uuid4()}\n")
     return path.read_text().strip()
-
-
-def next_job(folder: Path) -> int:
-    """The number of the folder's next job: after the highest one there (a folder deleted leaves a gap)."""
-    numbers = [r.job for r in (read_run(p) for p in job_folders(folder)) if r is not None and r.job is not None]
-    return max(numbers, default=-1) + 1
 
 
 def existing_study(storage: Any, name: Any) -> optuna.Study | None:

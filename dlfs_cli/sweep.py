@@ -67,7 +67,7 @@ class SweepFolder(Callback):
             raise UserError("hydra/sweeper=optuna needs hydra-optuna-sweeper: pip install 'dlfs-cli[optuna]'")
         self.optuna = str(config.hydra.sweeper.get("_target_", "")).endswith("OptunaSweeper")
         self.path = Path(str(config.hydra.sweep.dir))  # resolved once: ${now:} is cached by Hydra
-        self.first_job = len(job_folders(self.path))
+        self.first_job = next_job(self.path)
         self.metric = str(config.sweep.metric)
         self.direction = str(getattr(config.sweep.direction, "value", config.sweep.direction))
         SweepFolder.current = self
@@ -320,6 +320,12 @@ def _draw(jobs: list[Run], metric: str, path: Path, searched: bool) -> Path | No
 def job_folders(root: Path) -> list[Path]:
     """The folders Hydra made for the jobs: each holds .hydra/overrides.yaml (any hydra.sweep.subdir)."""
     return sorted(p.parent.parent for p in root.glob("**/.hydra/overrides.yaml"))
+
+
+def next_job(root: Path) -> int:
+    """The number of a sweep folder's next job: after the highest one there (a folder deleted leaves a gap)."""
+    numbers = [r.job for r in (read_run(p) for p in job_folders(root)) if r is not None and r.job is not None]
+    return max(numbers, default=-1) + 1
 
 
 def rank(jobs: list[Run], metric: str, direction: str) -> list[Run]:

@@ -272,7 +272,7 @@ def test_a_resume_tells_the_study_what_its_jobs_did(tmp_path: Path) -> None:
     stranger = study.ask({"optimizer.lr": lr})  # a trial of another folder's sweep sharing this storage
     stranger.set_user_attr(optuna_study.JOB, 1)
     stranger.set_user_attr(optuna_study.SWEEP, "another sweep's id")
-    assert optuna_study.trials_left(folder, saved, study) == 2 and optuna_study.next_job(folder) == 4
+    assert optuna_study.trials_left(folder, saved, study) == 2 and sweep.next_job(folder) == 4
 
     optuna_study.tell_again(folder, saved, study)
     trials = optuna.load_study(study_name="dlfs", storage=saved.hydra.sweeper.storage).trials
