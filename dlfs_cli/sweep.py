@@ -61,11 +61,11 @@ class SweepFolder(Callback):
         self.first_job = 0  # the number of this command's first job (a continued Optuna study's is not 0)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if str(config.hydra.sweeper.get("_target_", "")).endswith("OptunaSweeper") and not optuna_plugin():
+        self.optuna = is_optuna(config.hydra.sweeper)
+        if self.optuna and not optuna_plugin():
             from dlfs_cli.cli import UserError  # a SystemExit: Hydra's callbacks turn any Exception into a warning
 
             raise UserError("hydra/sweeper=optuna needs hydra-optuna-sweeper: pip install 'dlfs-cli[optuna]'")
-        self.optuna = str(config.hydra.sweeper.get("_target_", "")).endswith("OptunaSweeper")
         self.path = Path(str(config.hydra.sweep.dir))  # resolved once: ${now:} is cached by Hydra
         self.first_job = next_job(self.path)
         self.metric = str(config.sweep.metric)
@@ -122,7 +122,13 @@ def _launcher() -> tuple[str, DictConfig]:
 
 def under_optuna() -> bool:
     """True in a job of hydra/sweeper=optuna (hydra-optuna-sweeper), which needs a number from every job."""
-    return in_sweep() and str(HydraConfig.get().sweeper.get("_target_", "")).endswith("OptunaSweeper")
+    return in_sweep() and is_optuna(HydraConfig.get().sweeper)
+
+
+def is_optuna(sweeper: Any) -> bool:
+    """Whether a config's hydra.sweeper is hydra/sweeper=optuna's (dlfs's sweeper or the plugin's own)."""
+    target = sweeper.get("_target_") if isinstance(sweeper, DictConfig) else None
+    return str(target or "").endswith("OptunaSweeper")
 
 
 class TrialFailed(DlfsError):

@@ -23,7 +23,7 @@ from dlfs_cli import lifecycle, runlock
 from dlfs_cli.config import optuna_plugin
 from dlfs_cli.errors import DlfsError, exit_code_of
 from dlfs_cli.runs import OVERRIDES_FILE, Run, read_run
-from dlfs_cli.sweep import MULTIRUN_FILE, SweepFolder, job_folders, summarize
+from dlfs_cli.sweep import MULTIRUN_FILE, SweepFolder, is_optuna, job_folders, summarize
 from dlfs_cli.tracking import CONFIG_FILE, SUMMARY_FILE, console_log_handler, log
 
 NOT_AGAIN = ("completed", "diverged")
@@ -93,8 +93,7 @@ def optuna_sweep(folder: Path) -> DictConfig | None:
         saved = OmegaConf.load(folder / MULTIRUN_FILE)
     except (OSError, ValueError, yaml.YAMLError) as ex:
         raise DlfsError(f"resume={folder}: cannot read {MULTIRUN_FILE}: {ex}") from None
-    sweeper = OmegaConf.select(saved, "hydra.sweeper._target_") if isinstance(saved, DictConfig) else None
-    if not isinstance(saved, DictConfig) or not str(sweeper or "").endswith("OptunaSweeper"):
+    if not isinstance(saved, DictConfig) or not is_optuna(OmegaConf.select(saved, "hydra.sweeper")):
         return None
     if not optuna_plugin():
         raise DlfsError(f"resume={folder} continues an Optuna study: pip install 'dlfs-cli[optuna]'")
