@@ -19,7 +19,7 @@ matplotlib.use("Agg")  # files only: no display needed, none opened
 
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 
-from dlfs_cli.runs import SEED_KEYS, Run, varying_keys  # noqa: E402
+from dlfs_cli.runs import SEED_KEYS, Run, fmt, varying_keys  # noqa: E402
 from dlfs_cli.tracking import METRICS_FILE, Losses, read_losses, spans_decades  # noqa: E402
 
 MAX_LABELLED = 10  # curves beyond this many are drawn but left out of the legend
@@ -120,7 +120,7 @@ def _losses(path: Path) -> Losses:
 def _short(value: str) -> str:
     """A value as a legend shows it: a number an Optuna search proposed (0.548858622576932) to 4 digits."""
     number = _number(value)
-    return f"{number:.4g}" if number is not None and len(value) > 8 else value
+    return fmt(number) if number is not None and len(value) > 8 else value  # a table's 4 digits
 
 
 def _number(text: str | None) -> float | None:
