@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,6 +32,7 @@ from dlfs_cli.data import boston, build_data
 from dlfs_cli.data.text import BookBatches
 from dlfs_cli.distributed import SINGLE, World
 from dlfs_cli.layers import LSTMLayer
+from dlfs_cli.tracking import ProgressDisplay, RunFolder
 from dlfs_cli.trainer import PENDING_STEPS, RunningLoss, Trainer, evaluate, sum_dtype
 from tests.conftest import SMOKE
 
@@ -231,6 +233,45 @@ def test_the_running_loss_keeps_the_sums_and_the_first_bad_step() -> None:
     for step, loss in [(steps + 1, 1.0), (steps + 2, math.nan), (steps + 3, math.inf)]:
         running.add(torch.tensor(loss), 2, step)
     assert running.diverged_at(SINGLE) == steps + 2
+
+
+def test_a_training_step_is_the_bare_loops_step_and_one_kernel(make_cfg, tmp_path: Path) -> None:
+    """What the Trainer adds to each step beyond `zero_grad; loss(model(x), y).backward(); step`, counted
+    as dispatched operations (each a kernel launch on a GPU, where a step is launch-bound): the loss's one
+    `mul` into the pending buffer, and two views. Per step = (2n steps - n steps) / n, so that what an
+    epoch does once (its row of metrics.csv, the divergence check) cancels out, as do the first steps'
+    optimizer set-up."""
+    cpu, n = torch.device("cpu"), 4
+    batches = [(torch.randn(5, 4), torch.randn(5, 1)) for _ in range(2 + 2 * n)]
+
+    def model_and_optimizer() -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def bare(steps: int) -> Counter[str]:
+        model, optimizer = model_and_optimizer()
+        loss_fn = trainer_module.make_loss("mse")
+        with DeviceLog(cpu) as log:
+            for x, y in batches[: 2 + steps]:
+                optimizer.zero_grad(set_to_none=True)
+                loss_fn(model(x), y).backward()
+                optimizer.step()
+        return Counter(log.ops)
+
+    def runner(steps: int) -> Counter[str]:
+        model, optimizer = model_and_optimizer()
+        run = RunFolder(tmp_path / f"run{steps}", live=False)
+        run.start(make_cfg(), {}, ["loss", "mse", "rmse", "mae"])
+        schedule = TrainerConfig(log_every=1000, checkpoint_every=0)  # no row or save inside the epoch
+        trainer = Trainer(model, optimizer, None, schedule, "mse", cpu, run, {})
+        with DeviceLog(cpu) as log:
+            trainer._train_epoch(batches[: 2 + steps], None, ProgressDisplay(1, 2 + steps, live=False), 1)
+        run.close()
+        return Counter(log.ops)
+
+    per_step = (runner(2 * n) - runner(n)) - (bare(2 * n) - bare(n))
+    assert not (bare(2 * n) - bare(n)) - (runner(2 * n) - runner(n))  # the same work, nothing skipped
+    assert {op: count / n for op, count in per_step.items()} == {"mul": 1, "select": 1, "detach": 1}
 
 
 # 11. a failed distributed run leaves no process group behind -------------------------------------------
