@@ -1,12 +1,13 @@
 """`make bench`: every benchmark in turn, then one table of the project's speed targets.
 
-    python tests/benchmarks/run_all.py [--quick]
+    python tests/benchmarks/run_all.py [--quick | --table]
 
 Each benchmark alternates its sides round after round in one run and reports medians and the
 median of the per-round ratios (results/<name>.md and .json). The benchmarks that compare against
 the book's own pipelines need the project's shared folder (../shared: bench/ and data/); without
 it they are skipped and say so. --quick: one round each (a smoke test of the benchmarks, not figures
-to quote). The table goes to results/SUMMARY.md.
+to quote). The table goes to results/SUMMARY.md. --table: only the table, from the results files as
+they are (after re-running one benchmark by itself).
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from harness import RESULTS, SHARED
 HERE = Path(__file__).resolve().parent
 # script, rounds, the shared files it needs
 BENCHMARKS = [
-    ("bench_cli.py", 5, []),
-    ("bench_overhead.py", 5, []),
-    ("bench_sweep.py", 3, []),
-    ("bench_lstm.py", 3, [SHARED / "bench" / "book_lstm.py", SHARED / "data" / "text"]),
+    ("bench_cli.py", 6, []),
+    ("bench_overhead.py", 8, []),
+    ("bench_sweep.py", 4, []),
+    ("bench_lstm.py", 4, [SHARED / "bench" / "book_lstm.py", SHARED / "data" / "text"]),
     ("bench_mnist_epoch.py", 2, [SHARED / "bench" / "book_mnist.py", SHARED / "data" / "MNIST"]),
 ]
 
@@ -106,6 +107,13 @@ def summary_table() -> str:
         f"Speed targets: {time.strftime('%Y-%m-%d %H:%M')}, {platform.node()}, {os.cpu_count()} CPUs, no GPU "
         "(GPU targets: not measured on GPU)",
         "",
+        "measured: "
+        + ", ".join(
+            f"{path.stem} {json.loads(path.read_text()).get('date', '?')}"
+            for path in sorted(RESULTS.glob("*.json"))
+            if path.stem != "book_spread"
+        ),
+        "",
         "| benchmark | measure | result | target | met |",
         "|---|---|---|---|---|",
     ]
@@ -117,7 +125,7 @@ def summary_table() -> str:
 
 def main() -> None:
     quick = "--quick" in sys.argv
-    for script, rounds, needs in BENCHMARKS:
+    for script, rounds, needs in [] if "--table" in sys.argv else BENCHMARKS:
         missing = [str(p) for p in needs if not p.exists()]
         if missing:
             print(f"== {script}: skipped, missing {', '.join(missing)}", flush=True)
