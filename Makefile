@@ -37,7 +37,7 @@ test-gpu: install ## the GPU tests only (each skips, saying why, where CUDA is m
 reproduce: install ## `dlfs reproduce`: the book's chapter-7 table, re-run (non-zero exit when a number misses)
 	$(BIN)/dlfs reproduce $(ARGS)
 
-bench: install ## the benchmarks (tests/benchmarks; about 10 minutes) and the table of speed targets
+bench: install ## the benchmarks (tests/benchmarks; about 12 minutes) and the table of speed targets
 	$(BIN)/python tests/benchmarks/run_all.py $(ARGS)
 
 lint: install ## ruff + mypy
