@@ -7,6 +7,7 @@ Only hydra, omegaconf and the config schemas are imported here: `dlfs --help` an
 from __future__ import annotations
 
 import difflib
+import gc
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -575,6 +576,17 @@ def _exit_with(incomplete: list[sweep.Run], folder: Path, stopped: bool) -> None
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        _main(argv)
+    finally:
+        if argv is None:  # the process's own command (`dlfs`, `python -m dlfs_cli`), not a call from Python
+            # Python's last garbage collection at exit walks every object torch and torch._dynamo made:
+            # about 0.8 s of each command that trained (1.05 s -> 0.25 s from the end of main to the exit).
+            # What dlfs wrote is closed and synced by now, so the objects left are kept out of it.
+            gc.freeze()
+
+
+def _main(argv: list[str] | None) -> None:
     lifecycle.protect_console()  # a console that goes away (| head, a closed terminal) loses only its lines
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):

@@ -64,6 +64,32 @@ print("HEAVY", heavy)
     assert "HEAVY []" in out.stdout
 
 
+def test_the_command_skips_pythons_last_collection_and_a_call_from_python_does_not(monkeypatch) -> None:
+    """`dlfs` itself (main() reading sys.argv) freezes what is left at its end, so that Python's collection
+    at exit does not walk torch's objects; main(args) from a script or a test leaves the collector alone,
+    in failure as in success."""
+    import gc
+
+    from dlfs_cli.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["dlfs", "--version"])
+    try:
+        main()
+        assert gc.get_freeze_count() > 0
+        gc.unfreeze()
+        monkeypatch.setattr(sys, "argv", ["dlfs", "nope"])
+        with pytest.raises(SystemExit):
+            main()
+        assert gc.get_freeze_count() > 0
+        gc.unfreeze()
+        main(["--version"])
+        with pytest.raises(SystemExit):
+            main(["nope"])
+        assert gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
+
+
 def test_device_cuda_without_cuda_is_refused(run_here, tmp_path: Path) -> None:
     import torch
 
