@@ -21,9 +21,9 @@ Measure = Callable[[], dict[str, float]]
 
 def alternate(sides: dict[str, Measure], rounds: int) -> dict[str, list[dict[str, float]]]:
     """Each round runs every side once, so that the machine's drift hits all sides alike, starting one
-    side later each round: where a side runs in its round matters too (in one process the second of two
-    sides ran 10-25% slower, whichever it was), and over a multiple of len(sides) rounds each side takes
-    each place equally often."""
+    side later each round: where a side runs in its round matters too (in one process, in 5 of 6 rounds
+    the second of two sides ran 12-28% slower, whichever it was), and over a multiple of len(sides)
+    rounds each side takes each place equally often."""
     results: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
     names = list(sides)
     for r in range(rounds):
