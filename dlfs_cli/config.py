@@ -73,7 +73,7 @@ class Direction(str, Enum):
 
 class Precision(str, Enum):
     fp32 = "fp32"  # float32 throughout: the book's numbers
-    bf16 = "bf16"  # forward passes under bfloat16 autocast (CPU and CUDA): faster, slightly different numbers
+    bf16 = "bf16"  # forward passes under bfloat16 autocast (CPU, CUDA, MPS from torch 2.6): faster, other numbers
 
 
 class Pipeline(str, Enum):

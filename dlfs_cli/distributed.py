@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import os
 import random
+import warnings
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -170,6 +171,33 @@ def set_tf32(on: bool) -> None:
     torch.set_float32_matmul_precision("high" if on else "highest")
     torch.backends.cuda.matmul.allow_tf32 = on
     torch.backends.cudnn.allow_tf32 = on
+
+
+def check_bf16(device: torch.device) -> None:
+    """trainer.precision=bf16 needs bfloat16 autocast on the device. Where torch lacks it, autocast either
+    refuses the device (Apple's MPS before torch 2.5) or warns and trains in float32 under a run labelled
+    bf16 (MPS before torch 2.6; a CUDA GPU without bfloat16 refuses); and MPS has bfloat16 only from
+    macOS 14, which torch finds out at the first operation. Either way: one line before anything runs."""
+    fix = "use trainer.precision=fp32 (on Apple's MPS, bf16 needs torch >= 2.6 and macOS 14 or later)"
+    mps = torch.backends.mps
+    if device.type == "mps" and mps.is_available() and not mps.is_macos_or_newer(14, 0):
+        raise DlfsError(f"trainer.precision=bf16: Apple's MPS has no bfloat16 before macOS 14; {fix}")
+    reason = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                pass
+        except RuntimeError as ex:
+            reason = str(ex)
+    # only autocast's own "Disabling autocast" warning: another (a deprecation) says nothing about bf16 here
+    reason = reason or next((str(w.message) for w in caught if "Disabling autocast" in str(w.message)), None)
+    if reason is not None:
+        first = (reason.strip().splitlines() or ["refused"])[0]
+        raise DlfsError(
+            f"trainer.precision=bf16: no bfloat16 autocast on {device.type} with torch {torch.__version__} "
+            f"({first}); {fix}"
+        )
 
 
 def resolve_device(name: str, local_rank: int | None = None) -> torch.device:

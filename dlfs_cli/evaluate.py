@@ -12,7 +12,7 @@ import torch
 from dlfs_cli.checkpoint import load_run_checkpoint, model_of
 from dlfs_cli.config import typed_config
 from dlfs_cli.data import build_data
-from dlfs_cli.distributed import resolve_device, set_tf32
+from dlfs_cli.distributed import check_bf16, resolve_device, set_tf32
 from dlfs_cli.models import RECONSTRUCTS
 from dlfs_cli.tracking import CHECKPOINT_DIR, phase
 from dlfs_cli.trainer import evaluate
@@ -23,6 +23,8 @@ def evaluate_run(run_dir: Path, checkpoint: str = "last", device: str | None = N
     state = load_run_checkpoint(run_dir, checkpoint)
     cfg = typed_config(state.config)
     target = resolve_device(device or cfg.device)  # the run's device setting unless one is named
+    if cfg.trainer.precision == "bf16":  # evaluated as it was measured: bfloat16 autocast, on this device too
+        check_bf16(target)
     set_tf32(cfg.trainer.tf32)  # the run's float32 policy on a GPU, as it was measured
     # the run's own data, rebuilt: it sizes the model (a text changed since has another vocabulary, which
     # the weights refuse) and is what gets evaluated

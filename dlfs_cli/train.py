@@ -105,6 +105,8 @@ def _set_up(cfg: DictConfig, threads: int | None) -> tuple[World, torch.device]:
     device = distributed.sweep_device(
         distributed.resolve_device(cfg.device, world.local_rank if world.distributed else None)
     )
+    if t.precision == "bf16":
+        distributed.check_bf16(device)
     distributed.set_deterministic(t.deterministic, device)
     distributed.set_tf32(t.tf32)
     if device.type == "cuda":  # set either way: the flag is process-wide (an in-process sweep's next job)

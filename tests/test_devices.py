@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from dlfs_cli.config import TrainerConfig
 from dlfs_cli.data import boston, build_data
 from dlfs_cli.data.text import BookBatches
 from dlfs_cli.distributed import SINGLE, World
+from dlfs_cli.errors import DlfsError
 from dlfs_cli.layers import LSTMLayer
 from dlfs_cli.tracking import ProgressDisplay, RunFolder
 from dlfs_cli.trainer import PENDING_STEPS, RunningLoss, Trainer, evaluate, sum_dtype
@@ -174,6 +176,74 @@ def test_the_mps_generator_is_saved_and_restored(monkeypatch: pytest.MonkeyPatch
     del state["mps"]  # a checkpoint from before the MPS generator was saved
     restore_rng(state)
     assert len(restored) == 1
+
+
+# 11. bfloat16 on Apple's MPS: newer torch and macOS than the floor -------------------------------------
+
+OLD_TORCH_AUTOCAST = {
+    # torch < 2.5: no MPS autocast at all
+    "refused": RuntimeError("User specified an unsupported autocast device_type 'mps'"),
+    # torch 2.5: MPS autocast in float16 only; it warns and trains in float32
+    "disabled": UserWarning(
+        "In MPS autocast, but the target dtype is not supported. Disabling autocast.\n"
+        "MPS Autocast only supports dtype of torch.float16 currently."
+    ),
+}
+
+
+@pytest.mark.parametrize("behaviour", OLD_TORCH_AUTOCAST)
+def test_bf16_on_mps_without_its_autocast_is_refused_before_the_run(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, behaviour: str
+) -> None:
+    """The floor (torch 2.3) has no bfloat16 autocast on MPS: a run with precision=bf16 there crashed in
+    its first step (torch < 2.5) or trained in float32 under a bf16 label (2.5). Now one line, no folder."""
+    real_autocast = torch.autocast
+
+    def old_autocast(device_type: str, *args, **kwargs):
+        if device_type == "mps":
+            problem = OLD_TORCH_AUTOCAST[behaviour]
+            if isinstance(problem, Warning):
+                warnings.warn(str(problem), UserWarning, stacklevel=2)
+            else:
+                raise problem
+        return real_autocast(device_type, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", old_autocast)
+    monkeypatch.setattr(distributed, "resolve_device", lambda name, local_rank=None: torch.device("mps"))
+    with pytest.raises(DlfsError, match=r"^trainer.precision=bf16: no bfloat16 autocast on mps with torch .*fp32"):
+        train_module.train(make_cfg("trainer.precision=bf16"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    assert train_module._set_up(make_cfg(), None)[1].type == "mps"  # fp32 asks nothing of autocast
+
+
+def test_dlfs_eval_of_a_bf16_run_on_mps_without_its_autocast_is_refused(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dlfs eval measures a run as it was measured, under bfloat16 autocast: on a device without it, one line."""
+    from dlfs_cli import evaluate as evaluate_module
+
+    train_module.train(make_cfg(*SMOKE, "trainer.precision=bf16"), tmp_path / "run")
+    real_autocast = torch.autocast
+
+    def old_autocast(device_type: str, *args, **kwargs):
+        if device_type == "mps":
+            raise OLD_TORCH_AUTOCAST["refused"]
+        return real_autocast(device_type, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", old_autocast)
+    monkeypatch.setattr(evaluate_module, "resolve_device", lambda name, local_rank=None: torch.device("mps"))
+    with pytest.raises(DlfsError, match="no bfloat16 autocast on mps"):
+        evaluate_module.evaluate_run(tmp_path / "run", device="mps")
+
+
+def test_bf16_on_mps_before_macos_14_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch >= 2.6 has the autocast, but Apple's MPS has bfloat16 only from macOS 14 (torch finds out at the
+    first operation)."""
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: major <= 13)
+    with pytest.raises(DlfsError, match="no bfloat16 before macOS 14"):
+        distributed.check_bf16(torch.device("mps"))
+    distributed.check_bf16(torch.device("cpu"))  # the CPU's is there
 
 
 # 4. the book's LSTM batches: the index on the characters' device ----------------------------------------
