@@ -202,7 +202,13 @@ def check_bf16(device: torch.device) -> None:
 
 def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     """auto picks CUDA, then MPS, then the CPU; asking for one that is not there is an error.
-    Under torchrun, `cuda` (or auto) is the local rank's GPU."""
+    Under torchrun, `cuda` (or auto) is the local rank's GPU; without CUDA the ranks talk over gloo,
+    which carries no MPS tensors, so there auto is the CPU and `mps` is refused."""
+    if local_rank is not None and name == "mps":
+        raise DlfsError(
+            "device=mps: data-parallel processes (torchrun, trainer.nproc) exchange their tensors over gloo, "
+            "which carries no MPS tensors; use device=cpu (or device=auto) for several processes on a Mac"
+        )
     if local_rank is not None and name.startswith("cuda") and name != "cuda":
         raise DlfsError(f"device={name}: under torchrun each rank takes its own GPU; use device=cuda or device=auto")
     if local_rank is not None and (name == "cuda" or (name == "auto" and torch.cuda.is_available())):
@@ -215,7 +221,7 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if torch.backends.mps.is_available():
+        if torch.backends.mps.is_available() and local_rank is None:
             return torch.device("mps")
         return torch.device("cpu")
     if name.startswith("cuda"):

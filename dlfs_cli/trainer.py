@@ -504,7 +504,7 @@ class Trainer:
         self.running.load_state_dict(state.sums, self.world)
         self.elapsed_before = state.elapsed_s
         assert state.rng is not None  # rank 0 wrote the checkpoint, with its generators
-        restore_rng(state.rng)  # last: nothing may draw a random number between here and the next step
+        restore_rng(state.rng, self.device)  # last: nothing may draw a random number between here and the next step
         if self.world.rank > 0:  # the checkpoint holds rank 0's generators: other ranks draw their own masks
             torch.manual_seed(self.step * 1009 + self.world.rank)
 

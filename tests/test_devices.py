@@ -148,6 +148,29 @@ def test_resuming_with_fewer_gpus_sets_only_the_gpus_that_exist(monkeypatch: pyt
     assert len(restored) == 1 and restored[0][0] == 0 and torch.equal(restored[0][1], state["cuda"][0])
 
 
+def test_a_resume_on_another_gpu_continues_the_training_gpus_generator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep's job 1 trained on GPU 1; resumed alone it trains on GPU 0, whose saved generator was only
+    ever seeded: restoring by index alone gave its dropout masks that state, not the one that trained."""
+    states = {0: torch.zeros(16, dtype=torch.uint8), 1: torch.ones(16, dtype=torch.uint8)}  # GPU 1's advanced
+    now: dict[int, Tensor] = {}
+
+    def index_of(device: int | str | torch.device) -> int:
+        return device if isinstance(device, int) else (torch.device(device).index or 0)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [states[0], states[1]])
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states[index_of(device)])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": now.__setitem__(index_of(device), s))
+    state = capture_rng(torch.device("cuda:1"))  # the job, training on GPU 1
+    restore_rng(state, torch.device("cuda"))  # resumed alone: GPU 0
+    assert torch.equal(now[0], states[1])  # GPU 0 draws on from where GPU 1 stopped
+    del state["cuda_training"]  # a checkpoint from before: each GPU its own, by index
+    restore_rng(state, torch.device("cuda"))
+    assert torch.equal(now[0], states[0]) and torch.equal(now[1], states[1])
+
+
 def test_a_cpu_run_does_not_start_cuda_to_save_its_generators(monkeypatch: pytest.MonkeyPatch) -> None:
     """device=cpu on a GPU machine: CUDA was never used, so its generators are not asked for (asking
     starts CUDA: seconds, and memory on the GPU, in every checkpoint of a CPU run)."""
@@ -222,7 +245,7 @@ def test_dlfs_eval_of_a_bf16_run_on_mps_without_its_autocast_is_refused(
     """dlfs eval measures a run as it was measured, under bfloat16 autocast: on a device without it, one line."""
     from dlfs_cli import evaluate as evaluate_module
 
-    train_module.train(make_cfg(*SMOKE, "trainer.precision=bf16"), tmp_path / "run")
+    train_module.train(make_cfg(*SMOKE, "trainer.precision=bf16", "figures.enabled=false"), tmp_path / "run")
     real_autocast = torch.autocast
 
     def old_autocast(device_type: str, *args, **kwargs):
@@ -234,6 +257,18 @@ def test_dlfs_eval_of_a_bf16_run_on_mps_without_its_autocast_is_refused(
     monkeypatch.setattr(evaluate_module, "resolve_device", lambda name, local_rank=None: torch.device("mps"))
     with pytest.raises(DlfsError, match="no bfloat16 autocast on mps"):
         evaluate_module.evaluate_run(tmp_path / "run", device="mps")
+
+
+def test_several_processes_on_a_mac_run_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Data-parallel ranks without CUDA talk over gloo, which has no MPS kernels: every rank on MPS failed in
+    DistributedDataParallel's first broadcast. Under torchrun auto takes the CPU, and mps is refused."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert distributed.resolve_device("auto") == torch.device("mps")  # one process: the Apple GPU
+    assert distributed.resolve_device("auto", local_rank=1) == torch.device("cpu")
+    with pytest.raises(DlfsError, match=r"^device=mps: data-parallel processes .* gloo, which carries no MPS"):
+        distributed.resolve_device("mps", local_rank=0)
+    assert distributed.resolve_device("mps") == torch.device("mps")
 
 
 def test_bf16_on_mps_before_macos_14_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -470,6 +505,28 @@ def test_trainer_tf32_sets_the_backend_flags_either_way_and_is_recorded(make_cfg
     finally:
         torch.set_float32_matmul_precision(before[0])
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before[1:]
+
+
+def test_dlfs_eval_measures_with_the_runs_kernel_policy(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dlfs eval repeats the run's trainer.deterministic and cudnn_benchmark (on a GPU they choose the kernels,
+    and so the last digits), as it repeats tf32 and precision; a run without them sets nothing (torch's own
+    default, and asking would import torch's compiler stack into dlfs eval)."""
+    from dlfs_cli import evaluate as evaluate_module
+
+    for deterministic in (True, False):
+        train_module.train(
+            make_cfg(*SMOKE, f"trainer.deterministic={deterministic}", "figures.enabled=false"),
+            tmp_path / str(deterministic),
+        )
+    torch.use_deterministic_algorithms(False)
+    calls: list[tuple[bool, torch.device]] = []
+    monkeypatch.setattr(evaluate_module, "set_deterministic", lambda on, device: calls.append((on, device)))
+    evaluate_module.evaluate_run(tmp_path / "True")
+    assert calls == [(True, torch.device("cpu"))]
+    evaluate_module.evaluate_run(tmp_path / "False")
+    assert len(calls) == 1
 
 
 # 10. Boston on an accelerator: held there once, batched there --------------------------------------------

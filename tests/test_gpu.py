@@ -118,12 +118,13 @@ import torch
 import torch.distributed as dist
 from hydra import compose, initialize_config_dir
 
+import dlfs_cli.distributed as distributed
 import dlfs_cli.train as train_module
 from dlfs_cli.config import conf_dir, register_configs
 
 torch.cuda.set_device(0)
 dist.init_process_group("gloo")  # before dlfs asks for "cpu:gloo,cuda:nccl"
-train_module.resolve_device = lambda name, local_rank=None: torch.device("cuda:0")  # both ranks on the one GPU
+distributed.resolve_device = lambda name, local_rank=None: torch.device("cuda:0")  # both ranks on the one GPU
 register_configs()
 with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
     cfg = compose(config_name="train", overrides=sys.argv[2:])
@@ -195,11 +196,15 @@ SYNC_POINTS = ("_record_train", "_save", "_evaluate", "_check_divergence", "_end
         ["model=autoencoder", "data=digits", "trainer.precision=bf16"],
         [*LSTM, "data.batching=book"],
         [*LSTM, "data.batching=streams"],
-        ["optimizer=adam"],  # Boston: a DataLoader's batches from the host, Adam's step counts
+        ["optimizer=adam"],  # Boston: its rows held on the GPU (DeviceRows), Adam's step counts
+        # the book's DataLoader: batches from pinned host memory, copied without waiting
+        ["model=mnist_cnn", "data=mnist", "data.root={mnist_root}", "data.pipeline=torchvision"],
     ],
-    ids=["cnn", "autoencoder-bf16", "lstm-book", "lstm-streams", "boston-adam"],
+    ids=["cnn", "autoencoder-bf16", "lstm-book", "lstm-streams", "boston-adam", "mnist-dataloader"],
 )
-def test_training_steps_never_wait_for_the_gpu(make_cfg, tmp_path: Path, monkeypatch, overrides: list[str]) -> None:
+def test_training_steps_never_wait_for_the_gpu(
+    make_cfg, tmp_path: Path, mnist_root: Path, monkeypatch, overrides: list[str]
+) -> None:
     """torch.cuda.set_sync_debug_mode("error") from the end of the first step (cuDNN's and cuBLAS's set-up)
     to the end of training, except inside the log, save and evaluation points, which read numbers on purpose:
     the data, forward, backward, optimizer step and accounting of every other step run without a host sync."""
@@ -232,6 +237,7 @@ def test_training_steps_never_wait_for_the_gpu(make_cfg, tmp_path: Path, monkeyp
     monkeypatch.setattr(Trainer, "_after_step", audited_after_step)
     monkeypatch.setattr(Trainer, "fit", audited_fit)
     monkeypatch.setattr(trainer_module, "PENDING_STEPS", 4)  # the buffer's folds happen inside the audit too
+    overrides = [o.format(mnist_root=mnist_root) for o in overrides]
     cfg = make_cfg(*overrides, *CUDA, "trainer.limit_batches=12", "trainer.log_every=5", "trainer.checkpoint_every=7")
-    metrics = train(cfg, tmp_path / "run")
+    metrics = train(cfg, tmp_path / "run", live=False)  # a live progress bar reads the loss on purpose
     assert finite(metrics) and summary(tmp_path / "run")["status"] == "completed"
