@@ -26,6 +26,7 @@ import atexit
 import os
 import random
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -173,12 +174,13 @@ def set_tf32(on: bool) -> None:
     torch.backends.cudnn.allow_tf32 = on
 
 
-def check_bf16(device: torch.device) -> None:
+def check_bf16(device: torch.device, fix: str = "use trainer.precision=fp32") -> None:
     """trainer.precision=bf16 needs bfloat16 autocast on the device. Where torch lacks it, autocast either
     refuses the device (Apple's MPS before torch 2.5) or warns and trains in float32 under a run labelled
     bf16 (MPS before torch 2.6; a CUDA GPU without bfloat16 refuses); and MPS has bfloat16 only from
-    macOS 14, which torch finds out at the first operation. Either way: one line before anything runs."""
-    fix = "use trainer.precision=fp32 (on Apple's MPS, bf16 needs torch >= 2.6 and macOS 14 or later)"
+    macOS 14, which torch finds out at the first operation. Either way: one line before anything runs,
+    ending with `fix` (what the command at hand can change)."""
+    fix += " (on Apple's MPS, bf16 needs torch >= 2.6 and macOS 14 or later)"
     mps = torch.backends.mps
     if device.type == "mps" and mps.is_available() and not mps.is_macos_or_newer(14, 0):
         raise DlfsError(f"trainer.precision=bf16: Apple's MPS has no bfloat16 before macOS 14; {fix}")
@@ -186,8 +188,10 @@ def check_bf16(device: torch.device) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                pass
+            # CUDA asks the current GPU: make it this one (a machine may mix GPU generations)
+            with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    pass
         except RuntimeError as ex:
             reason = str(ex)
     # only autocast's own "Disabling autocast" warning: another (a deprecation) says nothing about bf16 here

@@ -24,7 +24,7 @@ def evaluate_run(run_dir: Path, checkpoint: str = "last", device: str | None = N
     cfg = typed_config(state.config)
     target = resolve_device(device or cfg.device)  # the run's device setting unless one is named
     if cfg.trainer.precision == "bf16":  # evaluated as it was measured: bfloat16 autocast, on this device too
-        check_bf16(target)
+        check_bf16(target, fix="evaluate it on another device (device=cpu)")
     set_tf32(cfg.trainer.tf32)  # the run's float32 policy on a GPU, as it was measured
     if cfg.trainer.deterministic:  # its kernels' choice too (off is torch's default: nothing to set)
         set_deterministic(True, target)

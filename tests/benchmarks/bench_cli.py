@@ -28,7 +28,7 @@ def runs_folder(root: Path) -> Path:
 
 
 def main() -> None:
-    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 6
     with tempfile.TemporaryDirectory() as tmp:
         outputs = runs_folder(Path(tmp))
         commands = {

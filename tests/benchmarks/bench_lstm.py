@@ -60,7 +60,7 @@ def ours(work: Path) -> dict[str, float]:
 
 
 def main() -> None:
-    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 4
     with tempfile.TemporaryDirectory() as tmp:
         results = alternate({"book_lstm.py": book, "dlfs": lambda: ours(Path(tmp))}, rounds)
     print(

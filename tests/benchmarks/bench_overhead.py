@@ -103,7 +103,7 @@ def runner(overrides: list[str], epochs: int, work: Path) -> dict[str, float]:
 
 
 def main() -> None:
-    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 8
     tables = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, (overrides, epochs) in WORKLOADS.items():

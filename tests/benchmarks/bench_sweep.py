@@ -32,7 +32,7 @@ def sweep(work: Path, launcher: list[str]) -> dict[str, float]:
 
 
 def main() -> None:
-    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 4
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         results = alternate({name: (lambda a=args: sweep(work, a)) for name, args in LAUNCHERS.items()}, rounds)

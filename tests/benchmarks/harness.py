@@ -22,8 +22,8 @@ Measure = Callable[[], dict[str, float]]
 def alternate(sides: dict[str, Measure], rounds: int) -> dict[str, list[dict[str, float]]]:
     """Each round runs every side once, so that the machine's drift hits all sides alike, starting one
     side later each round: where a side runs in its round matters too (in one process, in 5 of 6 rounds
-    the second of two sides ran 12-28% slower, whichever it was), and over a multiple of len(sides)
-    rounds each side takes each place equally often."""
+    the second of two sides ran 12-28% slower, whichever it was, measured once on this project's
+    2-core machine), and over a multiple of len(sides) rounds each side takes each place equally often."""
     results: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
     names = list(sides)
     for r in range(rounds):
@@ -31,6 +31,20 @@ def alternate(sides: dict[str, Measure], rounds: int) -> dict[str, list[dict[str
             results[name].append(sides[name]())
             print(f"round {r + 1} {name}: {results[name][-1]}", flush=True)
     return results
+
+
+def block_ratios(rows: list[dict[str, float]], base: list[dict[str, float]], key: str, k: int) -> list[float]:
+    """One ratio per block of k consecutive rounds, k the number of sides: over a block each side has
+    taken each place in the order once, so the order's effect cancels (a ratio per round would carry
+    it, biased up and down in turn). The geometric mean of the side's values over the block, over the
+    first side's. Fewer rounds than sides: one block of them all (the order then only partly balanced)."""
+    k = min(k, len(rows))
+    starts = range(0, len(rows) - k + 1, k)
+    return [
+        statistics.geometric_mean(x[key] for x in rows[i : i + k])
+        / statistics.geometric_mean(b[key] for b in base[i : i + k])
+        for i in starts
+    ]
 
 
 def report(
@@ -42,30 +56,32 @@ def report(
     file: str,
 ) -> str:
     """A markdown table of medians, and each side's ratio to the first side on `ratio_of`: the median of
-    the per-round ratios (each taken within one round, so that the machine's drift cancels); also saved."""
+    the per-block ratios (each taken within one block of rounds, so that the machine's drift and the
+    order's effect cancel); also saved."""
     rounds = len(next(iter(results.values())))
     base_rows = next(iter(results.values()))
+    k = min(len(results), rounds)
     lines = [
         f"{title}: {time.strftime('%Y-%m-%d %H:%M')}, {platform.node()}, {os.cpu_count()} CPUs, "
         f"{rounds} rounds alternating, medians",
         "",
-        "| side | " + " | ".join(columns) + f" | {ratio_of} vs {next(iter(results))} (median of per-round ratios) |",
+        "| side | "
+        + " | ".join(columns)
+        + f" | {ratio_of} vs {next(iter(results))} (median of the ratios of blocks of {k} rounds) |",
         "|---|" + "---|" * (len(columns) + 1),
     ]
+    sides = {}
     for name, rows in results.items():
         med = {c: statistics.median(x[c] for x in rows) for c in columns}
-        ratios = [x[ratio_of] / b[ratio_of] for x, b in zip(rows, base_rows, strict=True)]
-        spread = f" (rounds {min(ratios):.2f}-{max(ratios):.2f})" if name != next(iter(results)) else ""
+        ratios = block_ratios(rows, base_rows, ratio_of, len(results))
+        sides[name] = med | {"ratio": statistics.median(ratios)}
+        spread = f" (blocks {min(ratios):.2f}-{max(ratios):.2f})" if name != next(iter(results)) else ""
         cells = " | ".join(f"{med[c]:,.0f}" if med[c] >= 1000 else f"{med[c]:.4g}" for c in columns)
         better = " (higher is better)" if higher_is_better else ""
         lines.append(f"| {name} | {cells} | {statistics.median(ratios):.2f}x{better}{spread} |")
     text = "\n".join(lines)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / file).write_text(text + "\n")
-    sides = {}
-    for name, rows in results.items():
-        ratios = [x[ratio_of] / b[ratio_of] for x, b in zip(rows, base_rows, strict=True)]
-        sides[name] = {c: statistics.median(x[c] for x in rows) for c in columns} | {"ratio": statistics.median(ratios)}
     (RESULTS / file).with_suffix(".json").write_text(
         json.dumps(
             {"title": title, "date": time.strftime("%Y-%m-%d %H:%M"), "rounds": rounds, "sides": sides}, indent=2

@@ -102,10 +102,12 @@ def at_most(limit: float):
     return lambda v: v <= limit
 
 
-def summary_table() -> str:
+def summary_table(rebuilt: bool = False) -> str:
+    """The targets' table; `rebuilt` (--table): from results files measured earlier, maybe elsewhere,
+    so the header names no machine or time of its own, only each file's date."""
+    where = "from the results files" if rebuilt else f"{platform.node()}, {os.cpu_count()} CPUs"
     lines = [
-        f"Speed targets: {time.strftime('%Y-%m-%d %H:%M')}, {platform.node()}, {os.cpu_count()} CPUs, no GPU "
-        "(GPU targets: not measured on GPU)",
+        f"Speed targets: {time.strftime('%Y-%m-%d %H:%M')}, {where}, no GPU (GPU targets: not measured on GPU)",
         "",
         "measured: "
         + ", ".join(
@@ -133,7 +135,7 @@ def main() -> None:
         print(f"== {script} ({1 if quick else rounds} rounds)", flush=True)
         args = [str(SHARED / "data")] if script == "bench_mnist_epoch.py" else []
         subprocess.run([sys.executable, str(HERE / script), *args, str(1 if quick else rounds)], check=True, cwd=HERE)
-    table = summary_table()
+    table = summary_table(rebuilt="--table" in sys.argv)
     (RESULTS / "SUMMARY.md").write_text(table + "\n")
     print(table)
 
