@@ -198,8 +198,9 @@ def interrupt_and_compare(
         text=True,
     )
     wait_for(lambda: _saved_step(broken) >= after_step or proc.poll() is not None, proc)
-    if proc.poll() is not None:
-        pytest.skip(f"the run finished before step {after_step} was saved")
+    if proc.poll() is not None:  # finished: too fast to catch, or a step the run never reaches (a test's error)
+        assert _saved_step(broken) >= after_step, f"the run ended at step {_saved_step(broken)} < {after_step}"
+        pytest.skip(f"the run finished before the signal after step {after_step} could be sent")
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == expect_rc, err
