@@ -33,8 +33,10 @@ from datetime import datetime
 import numpy as np
 import torch
 import torch.distributed as dist
+from omegaconf import DictConfig
 from torch import Tensor
 
+from dlfs_cli.config import TrainerConfig
 from dlfs_cli.errors import DlfsError
 
 STAMP_ENV = "DLFS_RUN_STAMP"  # conf/train.yaml's hydra.run.dir uses it when set
@@ -158,11 +160,25 @@ def finish() -> None:
 def set_deterministic(on: bool, device: torch.device) -> None:
     """PyTorch's deterministic algorithms, and what CUDA needs for them (cuBLAS workspace, no cuDNN autotune)."""
     # CUBLAS_WORKSPACE_CONFIG, which CUDA needs for them, is set when dlfs_cli is imported (before torch)
-    # warn_only: an operation with no deterministic kernel (some CUDA losses) warns instead of ending the run
-    torch.use_deterministic_algorithms(on, warn_only=True)
+    # warn_only: an operation with no deterministic kernel (some CUDA losses) warns instead of ending the run.
+    # Only on a change: torch.use_deterministic_algorithms imports torch's compiler stack (torch._inductor) to
+    # set its flag too, start-up that dlfs eval (no optimizer, so no torch._dynamo) would pay for nothing
+    if torch.are_deterministic_algorithms_enabled() != on or (
+        on and not torch.is_deterministic_algorithms_warn_only_enabled()
+    ):
+        torch.use_deterministic_algorithms(on, warn_only=True)
     torch.backends.cudnn.deterministic = on
     if on:
         torch.backends.cudnn.benchmark = False
+
+
+def set_kernels(trainer: TrainerConfig | DictConfig, device: torch.device) -> None:
+    """A run's kernel policy (`trainer.deterministic`, `tf32`, `cudnn_benchmark`), set either way: the flags
+    are process-wide (an in-process sweep's next job), and dlfs eval measures a run as it was trained."""
+    set_deterministic(trainer.deterministic, device)
+    set_tf32(trainer.tf32)
+    if device.type == "cuda":  # cuDNN's autotuning: a CUDA switch, left alone elsewhere
+        torch.backends.cudnn.benchmark = trainer.cudnn_benchmark and not trainer.deterministic
 
 
 def set_tf32(on: bool) -> None:

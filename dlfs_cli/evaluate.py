@@ -12,7 +12,7 @@ import torch
 from dlfs_cli.checkpoint import load_run_checkpoint, model_of
 from dlfs_cli.config import typed_config
 from dlfs_cli.data import build_data
-from dlfs_cli.distributed import check_bf16, resolve_device, set_deterministic, set_tf32
+from dlfs_cli.distributed import check_bf16, resolve_device, set_kernels
 from dlfs_cli.models import RECONSTRUCTS
 from dlfs_cli.tracking import CHECKPOINT_DIR, phase
 from dlfs_cli.trainer import evaluate
@@ -25,11 +25,7 @@ def evaluate_run(run_dir: Path, checkpoint: str = "last", device: str | None = N
     target = resolve_device(device or cfg.device)  # the run's device setting unless one is named
     if cfg.trainer.precision == "bf16":  # evaluated as it was measured: bfloat16 autocast, on this device too
         check_bf16(target, fix="evaluate it on another device (device=cpu)")
-    set_tf32(cfg.trainer.tf32)  # the run's float32 policy on a GPU, as it was measured
-    if cfg.trainer.deterministic:  # its kernels' choice too (off is torch's default: nothing to set)
-        set_deterministic(True, target)
-    if target.type == "cuda":
-        torch.backends.cudnn.benchmark = cfg.trainer.cudnn_benchmark and not cfg.trainer.deterministic
+    set_kernels(cfg.trainer, target)  # the run's float32 policy and kernel choice on a GPU, as it was measured
     # the run's own data, rebuilt: it sizes the model (a text changed since has another vocabulary, which
     # the weights refuse) and is what gets evaluated
     data = build_data(cfg.data, cfg.trainer.batch_size, cfg.seed, target, cfg.model.name in RECONSTRUCTS)

@@ -107,10 +107,7 @@ def _set_up(cfg: DictConfig, threads: int | None) -> tuple[World, torch.device]:
     )
     if t.precision == "bf16":
         distributed.check_bf16(device)
-    distributed.set_deterministic(t.deterministic, device)
-    distributed.set_tf32(t.tf32)
-    if device.type == "cuda":  # set either way: the flag is process-wide (an in-process sweep's next job)
-        torch.backends.cudnn.benchmark = t.cudnn_benchmark and not t.deterministic
+    distributed.set_kernels(t, device)
     # The data order's generator takes the seed itself (the same order on every rank); the global
     # generators (dropout) differ by rank. Rank 0's are a single process's, and its initial weights
     # are every rank's (DistributedDataParallel copies them).
