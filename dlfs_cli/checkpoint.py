@@ -173,10 +173,10 @@ def capture_rng(device: torch.device | None = None) -> dict[str, Any]:
 
     CUDA's generators only once this process has used CUDA: asking earlier would start CUDA (slowly,
     and taking GPU memory) for a device=cpu run on a GPU machine, and unused generators hold nothing to
-    keep. The training GPU's own generator again under `cuda_training`: a resume may train on another
-    GPU index (a sweep's job n ran on GPU n mod k; resumed alone it takes GPU 0), and its dropout must
-    continue from the generator that trained, not from that index's. The MPS generator (dropout on an
-    Apple GPU) when training there."""
+    keep. `cuda_training`: which of them trained (its index): a resume may train on another GPU index (a
+    sweep's job n ran on GPU n mod k; resumed alone it takes GPU 0), and its dropout must continue from the
+    generator that trained, not from that index's. The MPS generator (dropout on an Apple GPU) when
+    training there."""
     numpy_state = np.random.get_state()
     assert isinstance(numpy_state, tuple)  # the global RandomState's MT19937 (a dict only for other generators)
     _, keys, pos, has_gauss, gauss = numpy_state
@@ -184,11 +184,15 @@ def capture_rng(device: torch.device | None = None) -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-        "cuda_training": torch.cuda.get_rng_state(device) if device is not None and device.type == "cuda" else None,
+        "cuda_training": _gpu_index(device) if device is not None and device.type == "cuda" else None,
         "mps": torch.mps.get_rng_state() if device is not None and device.type == "mps" else None,
         "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
         "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
     }
+
+
+def _gpu_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def restore_rng(state: dict[str, Any], device: torch.device | None = None) -> None:
@@ -199,9 +203,9 @@ def restore_rng(state: dict[str, Any], device: torch.device | None = None) -> No
     if state["cuda"] and torch.cuda.is_available():
         for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda_state.cpu(), index)
-    training = state.get("cuda_training")  # absent from older checkpoints
-    if training is not None and device is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(training.cpu(), device)
+    trained_on = state.get("cuda_training")  # absent from older checkpoints
+    if trained_on is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"][trained_on].cpu(), device)
     if state.get("mps") is not None and torch.backends.mps.is_available():  # absent from older checkpoints
         torch.mps.set_rng_state(state["mps"].cpu())
     n = state["numpy"]

@@ -161,7 +161,6 @@ def test_a_resume_on_another_gpu_continues_the_training_gpus_generator(monkeypat
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [states[0], states[1]])
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states[index_of(device)])
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": now.__setitem__(index_of(device), s))
     state = capture_rng(torch.device("cuda:1"))  # the job, training on GPU 1
     restore_rng(state, torch.device("cuda"))  # resumed alone: GPU 0
