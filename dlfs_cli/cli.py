@@ -7,7 +7,7 @@ Only hydra, omegaconf and the config schemas are imported here: `dlfs --help` an
 from __future__ import annotations
 
 import difflib
-import gc
+import functools
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -22,7 +22,15 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from dlfs_cli import __version__, lifecycle, runlock, sweep
-from dlfs_cli.config import check_device, check_numbers, check_seed, conf_dir, register_configs, validate
+from dlfs_cli.config import (
+    check_device,
+    check_numbers,
+    check_seed,
+    conf_dir,
+    register_configs,
+    reject_unknown_keys,
+    validate,
+)
 from dlfs_cli.errors import DlfsError, exit_code_of, os_error_message
 
 if TYPE_CHECKING:
@@ -34,7 +42,29 @@ CONF_DIR = str(conf_dir())
 # --- train -----------------------------------------------------------------------------------
 
 
+def _one_line_task(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """A Hydra task whose errors leave it as a UserError (a SystemExit): Hydra would print "Error executing
+    job with overrides: [...]" over any other exception, a second line before ours. A sweep's jobs record
+    their own errors (sweep.job_failed) and keep them."""
+
+    @functools.wraps(task)
+    def one_line(cfg: DictConfig) -> Any:
+        if sweep.in_sweep():
+            return task(cfg)
+        try:
+            return task(cfg)
+        except DlfsError as ex:
+            raise UserError(str(ex), ex.exit_code) from None
+        except (HydraException, OmegaConfBaseException) as ex:  # an interpolation that fails: ${nope}
+            raise UserError(explain(ex)) from None
+        except OSError as ex:  # a run folder that cannot be read
+            raise UserError(os_error_message(ex)) from None
+
+    return one_line
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@_one_line_task
 def _train_app(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = sweep.in_sweep()
@@ -48,7 +78,10 @@ def _train_app(cfg: DictConfig) -> float | None:
             runlock.release(run_dir)
             return sweep.job_refused(cfg, ex)
     try:
-        return _train_job(cfg, run_dir, multirun)
+        if not multirun:
+            return _train_job(cfg, run_dir, multirun)
+        with sweep.watch_for_stop():
+            return _train_job(cfg, run_dir, multirun)
     finally:
         if multirun:
             runlock.release(run_dir)
@@ -151,8 +184,10 @@ class UserError(SystemExit):
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+@_one_line_task
 def _eval_app(cfg: DictConfig) -> None:
     try:
+        reject_unknown_keys(cfg)  # a +key=value, which nothing would read
         if OmegaConf.is_missing(cfg, "run"):
             raise DlfsError("dlfs eval needs a run folder: dlfs eval run=outputs/<model>/<timestamp>")
         check_numbers(cfg)
@@ -170,8 +205,10 @@ def _eval_app(cfg: DictConfig) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")
+@_one_line_task
 def _generate_app(cfg: DictConfig) -> None:
     try:
+        reject_unknown_keys(cfg)  # a +key=value, which nothing would read
         if OmegaConf.is_missing(cfg, "run"):
             raise DlfsError("dlfs generate needs a run folder: dlfs generate run=outputs/lstm_charmodel/<timestamp>")
         check_numbers(cfg)
@@ -203,9 +240,11 @@ def _note_if_being_written(run: Path) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="reproduce")
+@_one_line_task
 def _reproduce_app(cfg: DictConfig) -> None:
     out = Path(HydraConfig.get().runtime.output_dir)
     try:
+        reject_unknown_keys(cfg)  # a +key=value, which nothing would read
         check_device(cfg.device)
         check_numbers(cfg)
         for seed in cfg.seeds:
@@ -238,14 +277,15 @@ def _train_command(args: list[str]) -> None:
     lifecycle.install_for_process()  # SIGINT, SIGTERM, SIGHUP: stop at a safe point, from here to the exit
     register_configs()  # the Hydra commands' schemas (not at import: dlfs runs, diff and completion need none)
     multirun = _is_multirun(args)
-    args = _from_run(args)
-    args = prepare_overrides(args, multirun=multirun)
-    if multirun and any(a in args for a in ("--cfg", "-c", "--info", "-i")):
-        _fail("--cfg and --info show one job's config: use them without -m")
-    study = _resume_a_sweep(args)
-    if study is not None:  # resume=<sweep folder> of an Optuna study: the trials it has not run yet
-        args, multirun = study, True
-    args = _run_dir_for_resume(args)
+    with _one_line_errors():  # the folders from= and resume= name: one that cannot be read is one line
+        args = _from_run(args)
+        args = prepare_overrides(args, multirun=multirun)
+        if multirun and any(a in args for a in ("--cfg", "-c", "--info", "-i")):
+            _fail("--cfg and --info show one job's config: use them without -m")
+        study = _resume_a_sweep(args)
+        if study is not None:  # resume=<sweep folder> of an Optuna study: the trials it has not run yet
+            args, multirun = study, True
+        args = _run_dir_for_resume(args)
     if _under_torchrun():
         args = _join_the_world(args)
     try:
@@ -312,6 +352,9 @@ def _diff_command(args: list[str]) -> None:
 
 
 def _run_hydra_app(command: str, app: Callable[[], object], args: list[str]) -> None:
+    """dlfs eval, generate and reproduce: one job each."""
+    if _is_multirun(args):
+        _fail(f"dlfs {command} takes no -m: a sweep is dlfs train -m")
     register_configs()
     args = prepare_overrides(args, multirun=_is_multirun(args))
     with _one_line_errors():
@@ -326,6 +369,10 @@ def _start(command: str, app: Callable[[], object], args: list[str]) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         app()
+    except OSError as ex:
+        if ex.filename is None and runlock.writing() is not None:  # a write of Hydra's own files, unnamed
+            ex.filename = f"{runlock.writing()}{os.sep}"
+        raise
     finally:
         for folder in list(runlock.MADE):  # one this command made but never wrote to: refused, leave nothing
             runlock.drop_refused(folder)
@@ -475,13 +522,16 @@ def _from_run(args: list[str]) -> list[str]:
 def _check_from_run(cfg: DictConfig, source: Path) -> None:
     """Keys this run takes from today's defaults where the source run had other values (the defaults moved
     since it ran): said, not silently changed."""
-    from dlfs_cli.config import typed_config
+    from dlfs_cli.config import load_saved_config
     from dlfs_cli.diff import flatten
 
     def plain(config: DictConfig) -> dict[str, Any]:
         return flatten(cast(dict[str, Any], OmegaConf.to_container(config, resolve=True, enum_to_str=True)))
 
-    saved, now = plain(typed_config(OmegaConf.load(source / "config.yaml"))), plain(cfg)
+    try:
+        saved, now = plain(load_saved_config(source / "config.yaml")), plain(cfg)
+    except DlfsError as ex:
+        raise DlfsError(f"from={source}: {ex}") from None
     from dlfs_cli.tracking import log
 
     given = [o.lstrip("+~").partition("=")[0] for o in HydraConfig.get().overrides.task]  # recorded and new
@@ -504,7 +554,7 @@ def _resume_a_sweep(args: list[str]) -> list[str] | None:
     from dlfs_cli import sweep_resume
 
     values = [a.partition("=")[2].strip("'\"") for a in args if a.lstrip("+").startswith("resume=")]
-    if not values or not sweep_resume.is_sweep_folder(Path(values[-1])):
+    if not values or not values[-1] or not sweep_resume.is_sweep_folder(Path(values[-1])):  # "": not "."
         return None
     folder = Path(values[-1])
     if len(args) > 1:
@@ -576,15 +626,23 @@ def _exit_with(incomplete: list[sweep.Run], folder: Path, stopped: bool) -> None
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
+    if argv is not None:  # a call from Python (the tests, a script): its exit is the caller's
         _main(argv)
-    finally:
-        if argv is None:  # the process's own command (`dlfs`, `python -m dlfs_cli`), not a call from Python
-            # Python's last garbage collection at exit walks every object torch and torch._dynamo made
-            # (measured for a 1-epoch dlfs train: 1.0-1.1 s from the end of main to the process's exit,
-            # 0.2-0.3 s frozen; the whole command 4.0 s against 4.5 s). What dlfs wrote is closed and
-            # synced by now, and atexit handlers still run, so the objects left are kept out of it.
-            gc.freeze()
+        return
+    try:
+        _main(None)
+        code: object = 0
+    except SystemExit as ex:
+        code = ex.code
+    if not isinstance(code, int):  # sys.exit(None) or sys.exit("message"), as Python ends them
+        if code is not None:
+            print(code, file=sys.stderr)
+        code = 0 if code is None else 1
+    # The process's own command (`dlfs`, `python -m dlfs_cli`), everything written and closed: it exits
+    # without Python's finalization (lifecycle.exit_process), so a signal until the very end still gets
+    # its exit code and line, and the last garbage collection over every object torch made (1.0-1.1 s
+    # for a 1-epoch dlfs train, measured) is not paid.
+    lifecycle.exit_process(code)
 
 
 def _main(argv: list[str] | None) -> None:
@@ -634,6 +692,7 @@ def prepare_overrides(args: list[str], multirun: bool) -> list[str]:
     out: list[str] = []
     takes_value = False
     takes_info_value = False
+    _check_options(args)
     for arg in args:
         if takes_value or arg.startswith("-"):
             takes_value = arg in _OPTIONS_WITH_VALUE
@@ -654,6 +713,7 @@ def prepare_overrides(args: list[str], multirun: bool) -> list[str]:
             _fail(f"cannot parse '{arg}': overrides are KEY=VALUE (e.g. trainer.epochs=3)")
         if not bare:
             _fail(f"cannot parse override '{arg}': no key before '=' (write KEY=VALUE, e.g. seed=3)")
+        _check_hydra_key(bare, value.strip().strip("'\""))
         if bare not in FREE_TEXT:
             out.append(arg)
             continue
@@ -669,6 +729,39 @@ def prepare_overrides(args: list[str], multirun: bool) -> list[str]:
             continue
         out.append(_quoted(parser, key, value))
     return [*options, *out]
+
+
+_CFG_CHOICES = ("job", "hydra", "all")  # --cfg / -c
+_SHELLS = ("bash", "fish", "zsh")  # -sc install=SHELL
+
+
+def _check_options(args: list[str]) -> None:
+    """Hydra's options that would print a usage page or a traceback, or write where dlfs does not."""
+    for arg, following in zip(args, [*args[1:], ""], strict=False):
+        if arg == "--experimental-rerun":  # it would train into the pickled job's folder again
+            _fail("--experimental-rerun is not supported (it writes into the old run's folder): dlfs train from=RUN")
+        if arg in ("-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir"):
+            _fail(f"{arg}: each dlfs command has its own config; choose presets with experiment=NAME or from=RUN")
+        if arg in ("-c", "--cfg") and following not in _CFG_CHOICES:
+            _fail(f"{arg} {following}: invalid choice; valid choices: {', '.join(_CFG_CHOICES)}")
+        if arg in ("-sc", "--shell-completion") and following.partition("=")[0] in ("install", "uninstall"):
+            if following.partition("=")[2] not in _SHELLS:
+                _fail(f"{arg} {following}: completion is for {', '.join(_SHELLS)} (or: dlfs completion bash)")
+
+
+def _check_hydra_key(key: str, value: str) -> None:
+    """Hydra's keys that would write outside the run's own folder, or not as dlfs says it does."""
+    if key == "hydra.mode":
+        _fail("hydra.mode: for a sweep use -m, e.g. dlfs train -m seed=1,2,3")
+    if key == "hydra.job.chdir" and value != "false":
+        _fail("hydra.job.chdir: dlfs never changes the working folder (relative paths are read from where you run it)")
+    if key == "hydra.sweep.subdir" and ("${hydra.job.num}" not in value or ".." in Path(value).parts):
+        _fail(
+            f"hydra.sweep.subdir={value}: each job needs a folder of its own inside hydra.sweep.dir; "
+            "include ${hydra.job.num} (the default), without '..'"
+        )
+    if key == "hydra.output_subdir" and value != "null" and (Path(value).is_absolute() or ".." in Path(value).parts):
+        _fail(f"hydra.output_subdir={value}: a folder inside the run's own (default .hydra), or null for none")
 
 
 def _quoted(parser: OverridesParser, key: str, value: str) -> str:

@@ -528,6 +528,20 @@ def _upgrade(plain: dict[str, Any]) -> dict[str, Any]:
     return plain
 
 
+def load_saved_config(path: Path) -> DictConfig:
+    """A run's config.yaml, typed (`typed_config`); one that cannot be read, or is not a config: DlfsError
+    naming the file."""
+    import yaml
+
+    try:
+        loaded = OmegaConf.load(path)
+    except (OSError, ValueError, yaml.YAMLError) as ex:  # ValueError: UnicodeDecodeError, OmegaConf's own
+        raise DlfsError(f"cannot read {path}: {' '.join(str(ex).split())[:160]}") from None
+    if not isinstance(loaded, DictConfig):
+        raise DlfsError(f"{path} is not a dlfs config (a YAML list, not a mapping of keys)")
+    return typed_config(loaded)
+
+
 def typed_config(saved: Any) -> DictConfig:
     """A saved config (a run's config.yaml, a checkpoint's) typed and checked against the schemas again;
     keys added to the schemas since it was saved take their defaults."""
@@ -546,7 +560,7 @@ def typed_config(saved: Any) -> DictConfig:
         rest = {k: v for k, v in plain.items() if k not in SCHEMAS}
         # merged into a structured dataclass config: a DictConfig
         return cast(DictConfig, OmegaConf.merge(OmegaConf.structured(TrainConfig), typed, rest))
-    except (ValueError, KeyError, AttributeError) as ex:  # OmegaConf's validation errors derive from these
+    except (ValueError, KeyError, AttributeError, TypeError) as ex:  # OmegaConf's validation errors derive from these
         raise DlfsError(f"the saved config does not fit this dlfs version: {str(ex).splitlines()[0]}") from None
 
 
@@ -702,3 +716,13 @@ def validate(cfg: DictConfig) -> None:
     f = cfg.figures
     for key in ("tsne_points", "reconstructions", "random_codes"):
         _check(f[key] >= 0, f"figures.{key}", f[key], "must be >= 0")
+    if d.get("split_seed") is not None:
+        check_seed("data.split_seed", d.split_seed)
+    # every other count (steps, epochs, workers, processes, points): 2**31 - 1 at most, like the sizes above
+    counts = {f"trainer.{k}": t[k] for k in ("epochs", "eval_every", "log_every", "checkpoint_every", "nproc")}
+    counts |= {"trainer.limit_batches": t.limit_batches, "trainer.early_stopping.patience": stopping.patience}
+    counts |= {f"figures.{k}": f[k] for k in ("tsne_points", "reconstructions", "random_codes")}
+    counts |= {f"data.{k}": d[k] for k in ("num_workers",) if k in d}
+    for key, value in counts.items():
+        if value is not None:
+            _check(value <= SIZE_MAX, key, value, f"must be <= {SIZE_MAX}")

@@ -12,6 +12,11 @@ from dlfs_cli.errors import DlfsError
 from dlfs_cli.tracking import CHECKPOINT_DIR
 
 GREEDY_BELOW = 1e-3  # a temperature this small means: always the likeliest character
+# One model call per character, 1,000-3,000 a second on a CPU (hidden_size 256): 10**7 characters, some ten
+# novels, take one to a few hours, all held in memory until printed. A longer length is a typo that would hang
+# for days with no output, so it is refused before sampling (config.py's SIZE_MAX, 2**31 - 1, bounds counts of
+# rows, not model calls).
+LENGTH_MAX = 10**7
 
 
 @torch.inference_mode()
@@ -25,6 +30,8 @@ def sample(
     device: torch.device,
 ) -> str:
     """`prime` followed by `length` sampled characters; the same seed gives the same text."""
+    if not 0 <= length <= LENGTH_MAX:
+        raise DlfsError(f"invalid value for length: {length} (must be between 0 and {LENGTH_MAX})")
     if prime is None or prime == "":
         prime = "\n" if "\n" in vocab else vocab[0]
     unknown = sorted(set(prime) - set(vocab))

@@ -4,6 +4,11 @@
   half-way: the first one is recorded, and every phase (set-up, training steps, the final evaluation,
   figures, the text sample, a sweep's summary) stops at its next safe point, saves what it must and
   exits 128 + the signal's number. A second signal aborts at once.
+- **A sweep's worker processes** (hydra/launcher=joblib) are told to stop by the sweep's process too
+  (`request`), not only by a signal of their own: a `kill PID` or a scheduler's timeout reaches the
+  sweep's process alone. Only a second signal *received* aborts at once.
+- **The ending.** Recording how a run ended is never cut short (`shielded`), and from the end of the
+  command to the process's exit a signal still gives its exit code and line (`exit_process`).
 - **Closed outputs.** A console that went away (a pipe into `head`, a closed terminal) only loses the
   console's lines: writes to it are dropped from then on, never an error that stops a run.
 
@@ -12,6 +17,7 @@ No torch here: the CLI installs both before anything else runs.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import logging
 import os
@@ -20,7 +26,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from dlfs_cli.errors import DlfsError
 
@@ -28,7 +34,10 @@ log = logging.getLogger("dlfs")
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-_requested: int | None = None  # the first stop signal this process received
+_requested: int | None = None  # the first stop asked of this process (a signal, or the sweep's process)
+_received = False  # a stop signal was delivered to this process itself: the next one aborts
+_shield = 0  # inside `shielded` blocks
+_pending_abort: int | None = None  # a second signal that came inside one; it aborts at the block's end
 _listeners: list[Callable[[int], None]] = []
 _installed = False
 
@@ -47,9 +56,22 @@ def on_request(listener: Callable[[int], None]) -> Callable[[], None]:
 
 
 def _handle(signum: int, frame: object) -> None:
+    global _received, _pending_abort
+    if _received:  # a second signal
+        if _shield:
+            _pending_abort = signum
+            return
+        raise Aborted(signum)
+    _received = True
+    request(signum)
+
+
+def request(signum: int) -> None:
+    """Ask this process to stop at its next safe point, as `signum` would (a signal's handler, and a sweep's
+    worker told by the sweep's process); a stop already asked for is the same stop."""
     global _requested
     if _requested is not None:
-        raise Aborted(signum)
+        return
     _requested = signum
     log.warning("%s: stopping at the next safe point and saving (again to abort at once)", signal.Signals(signum).name)
     for listener in list(_listeners):
@@ -57,11 +79,33 @@ def _handle(signum: int, frame: object) -> None:
 
 
 @contextmanager
+def shielded() -> Iterator[None]:
+    """A few milliseconds that a second signal must not cut: the record of how a run ended (else it could
+    keep its first, wrong status). A second signal inside aborts at the block's end."""
+    global _shield, _pending_abort
+    _shield += 1
+    try:
+        yield
+    finally:
+        _shield -= 1
+        if not _shield and _pending_abort is not None:
+            signum, _pending_abort = _pending_abort, None
+            raise Aborted(signum)
+
+
+def _forget() -> None:
+    """A new command in this process (the tests) starts with no stop asked for."""
+    global _requested, _received, _pending_abort
+    _requested, _received, _pending_abort = None, False, None
+    _listeners.clear()
+
+
+@contextmanager
 def stop_signals() -> Iterator[None]:
     """Honour the stop signals inside the block. The outermost block installs the handlers (the CLI's,
     for the whole process) and, when it ends, puts the previous ones back and forgets the request (a
     test calling train() twice in one process)."""
-    global _installed, _requested
+    global _installed
     if _installed or threading.current_thread() is not threading.main_thread():  # handlers: main thread only
         yield
         return
@@ -72,8 +116,8 @@ def stop_signals() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        _installed, _requested = False, None
-        _listeners.clear()
+        _installed = False
+        _forget()
 
 
 def install_for_process() -> None:
@@ -83,6 +127,44 @@ def install_for_process() -> None:
         for s in _honoured():
             signal.signal(s, _handle)
         _installed = True
+
+
+def exit_process(code: int) -> NoReturn:
+    """The end of the process's own command (`dlfs ...`, not main(args) called from Python), everything
+    written: the atexit handlers run, then the process exits with `code`. Python's own finalization is
+    skipped: its last garbage collection walks every object torch made (about 1 s), and it puts the
+    default signal handlers back, so that a signal then killed the process without its line. A signal
+    from here on ends the process at once with 128 + its number (after its line, if it is the first)."""
+    if _installed:
+        for s in _honoured():
+            signal.signal(s, _handle_at_exit)
+    try:
+        # what Python's finalization does first: threads' own exit hooks (loky's, concurrent.futures'),
+        # joining the threads that are not daemons, then the atexit handlers (logging's flush, ...)
+        getattr(threading, "_shutdown", lambda: None)()
+        atexit._run_exitfuncs()
+    finally:
+        if _requested is not None and code == 0:  # asked for after the command's own last check
+            code = 128 + _requested
+            print(f"dlfs: stopped by a signal (exit {code}); everything was saved", file=sys.stderr)
+        _flush_console()
+        os._exit(code)
+
+
+def _handle_at_exit(signum: int, frame: object) -> None:
+    if _requested is None:  # the first: said as the command's end says it; a second aborts without a word
+        print(f"dlfs: stopped by a signal (exit {128 + signum}); everything was saved", file=sys.stderr)
+    _flush_console()
+    os._exit(128 + signum)
+
+
+def _flush_console() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
 
 
 def _honoured() -> list[int]:
@@ -181,6 +263,12 @@ def protect_console() -> None:
         stream = getattr(sys, name)
         if isinstance(stream, _Console):
             continue
-        if stream is None:
-            stream = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - lives as long as the process
+        if stream is None:  # started with the descriptor closed: /dev/null there, for the child processes too
+            fd = 1 if name == "stdout" else 2  # (joblib's workers failed at their start without a stderr)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            if devnull != fd:
+                os.dup2(devnull, fd)
+                os.close(devnull)
+            os.set_inheritable(fd, True)  # os.open's are not: it would be closed again in the children
+            stream = open(fd, "w", encoding="utf-8", closefd=False)  # noqa: SIM115 - lives as long as the process
         setattr(sys, name, _Console(stream))

@@ -127,13 +127,19 @@ def reproduce(cfg: DictConfig, out: Path) -> int:
     check_targets(cfg)
     targets = list(cfg.targets)
     known = {t.experiment for t in targets}
-    if cfg.only:
+    if cfg.only is not None:  # None (the default) is every target; an empty list would run nothing, or all
+        if not cfg.only:
+            raise DlfsError(f"only: give at least one experiment, or leave it out for all: {', '.join(sorted(known))}")
         unknown = [name for name in cfg.only if name not in known]
         if unknown:
             raise DlfsError(f"only: unknown experiment {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
         targets = [t for t in targets if t.experiment in cfg.only]
     if not cfg.seeds:
         raise DlfsError("seeds: give at least one seed, e.g. seeds=[0]")
+    # each seed is one run folder (<experiment>/seed<N>/): a repeat would train into it again, and count twice
+    repeated = sorted({seed for seed in cfg.seeds if list(cfg.seeds).count(seed) > 1})
+    if repeated:
+        raise DlfsError(f"seeds: {', '.join(map(str, repeated))} given more than once; each seed runs once")
     out.mkdir(parents=True, exist_ok=True)
 
     book = [_experiment(cfg, out, t.experiment, t) for t in targets]

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
-from dlfs_cli.config import typed_config
+from dlfs_cli.config import load_saved_config
 from dlfs_cli.errors import DlfsError
 from dlfs_cli.summary import Summary
 from dlfs_cli.tracking import CHECKPOINT_DIR, CONFIG_FILE, SUMMARY_FILE
@@ -81,7 +81,11 @@ def resume_config(composed: DictConfig, overrides: list[str], run_dir: Path) -> 
     config_file, summary_file = run_dir / CONFIG_FILE, run_dir / SUMMARY_FILE
     if not config_file.is_file() or not summary_file.is_file():
         raise DlfsError(f"resume={run_dir}: not a dlfs run folder (no {CONFIG_FILE} or {SUMMARY_FILE})")
-    cfg = typed_config(OmegaConf.load(config_file))
+    try:
+        cfg = load_saved_config(config_file)
+    except DlfsError as ex:
+        raise DlfsError(f"resume={run_dir}: {ex}") from None
+    saved_epochs = cfg.trainer.epochs
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         if key == "resume" or key.startswith("hydra."):
@@ -93,11 +97,13 @@ def resume_config(composed: DictConfig, overrides: list[str], run_dir: Path) -> 
                 "start a new run instead"
             )
         OmegaConf.update(cfg, key, OmegaConf.select(composed, key), merge=False)
-    summary = Summary.load(summary_file)
+    try:
+        summary = Summary.load(summary_file)
+    except (OSError, ValueError) as ex:  # ValueError: not JSON, not UTF-8, not a summary
+        raise DlfsError(f"resume={run_dir}: cannot read {SUMMARY_FILE}: {ex}") from None
     done = summary.epochs_completed or 0
     if cfg.trainer.epochs < done:
         raise DlfsError(f"resume: trainer.epochs={cfg.trainer.epochs} is below the {done} epochs already trained")
-    saved_epochs = OmegaConf.load(config_file).trainer.epochs
     s = cfg.scheduler
     fitted = (s.name == "exponential" and s.final_lr is not None) or (s.name == "cosine" and s.t_max is None)
     if fitted and cfg.trainer.epochs != saved_epochs:

@@ -27,6 +27,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from dlfs_cli.errors import DlfsError, os_error_message
 
@@ -37,7 +38,9 @@ PARENT_ENV = "DLFS_PARENT_RUN_DIR"
 OWN_FILES = frozenset({".hydra", LOCK_FILE, "multirun.yaml"})
 
 _held: dict[Path, int] = {}  # resolved folder -> the open lock file (closing it releases the lock)
-MADE: set[Path] = set()  # resolved folders this process created for a run or sweep (a refusal removes them)
+# resolved folders this process created for a run or sweep, each with the highest folder that mkdir made for
+# it (its own or an ancestor): a refusal removes them, up to that one
+MADE: dict[Path, Path] = {}
 CONTINUED: set[Path] = set()  # resolved sweep folders whose sweep this process continues (an Optuna study's resume)
 
 
@@ -84,6 +87,11 @@ def acquire(folder: Path) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
     _held[key] = fd
+
+
+def writing() -> Path | None:
+    """The folder this process took last (the run or sweep it writes), or None."""
+    return next(reversed(_held), None)
 
 
 def torchrun_rank() -> int:
@@ -210,10 +218,13 @@ def _continued(config: DictConfig) -> bool:
 
 
 def _guard(config: DictConfig, key: str) -> None:
-    from dlfs_cli.cli import UserError  # a SystemExit: Hydra's callbacks turn any Exception into a warning
+    from dlfs_cli.cli import UserError, explain  # a SystemExit: Hydra's callbacks turn any Exception into a warning
 
     try:
         raw = str(OmegaConf.select(config, key))
+    except OmegaConfBaseException as ex:  # an interpolation that fails: ${nope}, ${oc.env:UNSET}
+        raise UserError(explain(ex)) from None
+    try:
         if not raw.strip():
             raise DlfsError(f"{key} is empty: give a folder, e.g. {key}=outputs/my_run")
         folder = Path(os.path.normpath(raw))  # as the file system will read it: a/../b is b
@@ -236,9 +247,12 @@ def _guard(config: DictConfig, key: str) -> None:
         if key == "hydra.sweep.dir" and folder.resolve() in CONTINUED and holds(folder):
             return  # resume=<sweep folder>: this process finishes the sweep, and its Optuna study goes on there
         check_new_folder(folder, key)
+        top = folder.resolve()
+        while not top.parent.exists():
+            top = top.parent
         try:
             folder.mkdir(parents=True)
-            MADE.add(folder.resolve())
+            MADE[folder.resolve()] = top
         except FileExistsError:  # there already (empty), or another process made it a moment ago: the lock decides
             pass
         acquire(folder)
@@ -265,11 +279,10 @@ def drop_refused(folder: Path) -> None:
             path.unlink(missing_ok=True)
     (folder / LOCK_FILE).unlink(missing_ok=True)
     release(folder)
-    if folder.resolve() not in MADE:
+    top = MADE.pop(folder.resolve(), None)
+    if top is None:
         return
-    MADE.discard(folder.resolve())
-    cwd = Path.cwd().resolve()
-    for empty in [folder.resolve(), *folder.resolve().parents]:
-        if empty == cwd or not empty.is_relative_to(cwd) or any(empty.iterdir()):
+    for empty in [folder.resolve(), *folder.resolve().parents]:  # the folders made for it, while empty
+        if not empty.is_relative_to(top) or any(empty.iterdir()):
             break
         empty.rmdir()

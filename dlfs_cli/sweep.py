@@ -23,6 +23,9 @@ import os
 import signal
 import statistics
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +64,8 @@ class SweepFolder(Callback):
         self.first_job = 0  # the number of this command's first job (a continued Optuna study's is not 0)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if "Joblib" in str(config.hydra.launcher.get("_target_", "")):
+            _start_loky_tracker()
         self.optuna = is_optuna(config.hydra.sweeper)
         if self.optuna and not optuna_plugin():
             from dlfs_cli.cli import UserError  # a SystemExit: Hydra's callbacks turn any Exception into a warning
@@ -77,15 +82,29 @@ class SweepFolder(Callback):
         """The first SIGINT, SIGTERM or SIGHUP to the sweep's process (lifecycle.py) stops the sweep: jobs
         not yet started are skipped (they look for STOP_FILE, also in a launcher's other processes); a job
         in this process stops at its next safe point; jobs in other processes stop and save when the
-        signal reaches them too (Ctrl-C reaches every process of the terminal's group), else they finish.
-        A second signal aborts at once."""
+        signal reaches them too (Ctrl-C reaches every process of the terminal's group) or they see STOP_FILE
+        (`watch_for_stop`: a `kill PID` or a scheduler's timeout reaches this process alone). A second signal
+        aborts at once."""
         assert self.path is not None
         self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / STOP_FILE).touch()
+        (self.path / STOP_FILE).write_text(str(signum))  # which signal: the jobs that watch it stop as by it
         log.warning("%s: stopping the sweep; jobs not started are skipped", signal.Signals(signum).name)
 
     def stopped(self) -> bool:
         return self.path is not None and (self.path / STOP_FILE).exists()
+
+
+def _start_loky_tracker() -> None:
+    """joblib's resource tracker (a process loky starts once, in this one) ignores SIGINT and SIGTERM but
+    not SIGHUP: a closed terminal killed it, and the workers printed its tracebacks. Started here with
+    SIGHUP ignored, which it keeps; the workers honour SIGHUP as any job does."""
+    from joblib.externals.loky.backend import resource_tracker
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 # --- inside a job ----------------------------------------------------------------------------
@@ -189,6 +208,44 @@ def _cores() -> int:
         return len(os.sched_getaffinity(0))  # the cores this process may use (a container, taskset)
     except AttributeError:
         return os.cpu_count() or 1
+
+
+@contextmanager
+def watch_for_stop() -> Iterator[None]:
+    """A job in a launcher's own process (joblib's workers, submitit's): its stop signals are honoured for
+    the process's whole life (a worker waiting for its next job is not killed by one: loky would call that
+    a crashed worker), and it stops when the sweep's process does, which a signal sent to the sweep's
+    process alone (`kill PID`, a scheduler's timeout) never reached."""
+    if in_process():
+        yield
+        return
+    lifecycle.install_for_process()
+    with relay_stop(Path(HydraConfig.get().sweep.dir) / STOP_FILE):
+        yield
+
+
+@contextmanager
+def relay_stop(stop: Path) -> Iterator[None]:
+    """Inside the block, a stop file written by the sweep's process (`SweepFolder._stop`: the signal's
+    number) asks this process to stop as that signal would; watched 5 times a second, in a thread."""
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.2):
+            try:
+                text = stop.read_text().strip()
+            except OSError:  # not there: the sweep goes on
+                continue
+            lifecycle.request(int(text) if text.isdigit() else signal.SIGTERM)
+            return
+
+    watcher = threading.Thread(target=watch, name="dlfs-stop-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
 
 
 def check_not_stopped() -> None:

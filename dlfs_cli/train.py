@@ -80,14 +80,16 @@ def train(
             log.info("completed: %s", " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             return metrics
         except BaseException as ex:
-            status = _record_failure(run, ex)
+            with lifecycle.shielded():  # a second signal here would leave the status at "failed"
+                status = _record_failure(run, ex)
             if isinstance(ex, OSError):  # a write of the run's that is not ours (figures, tensorboard): one line
                 raise DlfsError(os_error_message(ex, "could not write")) from None
             raise
         finally:
             stop_listening()
-            run.update_summary_quietly(status=status, duration_s=round(duration_before + time.time() - start, 3))
-            run.close()
+            with lifecycle.shielded():
+                run.update_summary_quietly(status=status, duration_s=round(duration_before + time.time() - start, 3))
+                run.close()
 
 
 def _set_up(cfg: DictConfig, threads: int | None) -> tuple[World, torch.device]:

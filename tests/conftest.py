@@ -109,11 +109,11 @@ def run_here(dlfs, monkeypatch: pytest.MonkeyPatch) -> Callable[..., subprocess.
     return run
 
 
-def wait_for(condition: Callable[[], bool], proc: subprocess.Popen, timeout: float = 120) -> None:
-    """Poll until `condition` holds; fail at once if the process ended first."""
+def wait_for(condition: Callable[[], bool], proc: subprocess.Popen | None = None, timeout: float = 120) -> None:
+    """Poll until `condition` holds; fail at once if the process (when one is given) ended first."""
     deadline = time.monotonic() + timeout
     while not condition():
-        assert proc.poll() is None, f"the process ended first (exit {proc.returncode})"
+        assert proc is None or proc.poll() is None, f"the process ended first (exit {proc.returncode})"
         assert time.monotonic() < deadline, "timed out waiting"
         time.sleep(0.05)
 

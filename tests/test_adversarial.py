@@ -53,6 +53,11 @@ def world(tmp_path: Path, finished_run: Path, monkeypatch: pytest.MonkeyPatch) -
     (tmp_path / "repro" / "report.json").write_text("{}\n")
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad.csv").write_bytes(b"\x00\xff\xfe binary, not a CSV\n")
+    for name, file, text in (("badconfig", "config.yaml", ": : :\n"), ("badsummary", "summary.json", "[1]\n")):
+        shutil.copytree(finished_run, tmp_path / name)
+        (tmp_path / name / file).write_text(text)
+    (tmp_path / "badconfig" / ".hydra").mkdir()  # as `dlfs train` leaves it: from= reads its overrides too
+    (tmp_path / "badconfig" / ".hydra" / "overrides.yaml").write_text("- seed=3\n")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -167,7 +172,25 @@ CASES = [
     ("sweep-dir-quoted", ["train", "-m", "seed=1,2", "hydra.sweep.dir='sweep'"], 2, r"already holds a sweep"),
     ("sweep-dir-users-files", ["train", "-m", "seed=1,2", "hydra.sweep.dir=mine"], 2, r"is not empty"),
     ("sweep-dir-empty", ["train", "-m", "seed=1,2", "hydra.sweep.dir="], 2, r"hydra.sweep.dir is empty"),
+    # Hydra's own keys and options that would write outside the run's folder, or otherwise than dlfs says
+    ("sweep-subdir-shared", ["train", "-m", "seed=1,2", "hydra.sweep.subdir=s${seed}"], 2, r"a folder of its own"),
+    ("sweep-subdir-outside", ["train", "-m", "seed=1,2", "hydra.sweep.subdir=../run/${hydra.job.num}"], 2, r"'\.\.'"),
+    ("output-subdir-outside", ["train", "hydra.output_subdir=../run/.hydra"], 2, r"hydra.output_subdir=\.\./run"),
+    ("experimental-rerun", ["train", "--experimental-rerun", "run/x.pickle"], 2, r"not supported.*from=RUN"),
+    ("job-chdir", ["train", "hydra.job.chdir=true"], 2, r"hydra.job.chdir: dlfs never changes the working folder"),
+    ("hydra-mode", ["train", "hydra.mode=MULTIRUN", "seed=1,2"], 2, r"hydra.mode: for a sweep use -m"),
+    ("config-name", ["train", "-cn", "eval"], 2, r"-cn: each dlfs command has its own config"),
+    ("cfg-choice", ["train", "--cfg", "bogus"], 2, r"--cfg bogus: invalid choice; valid choices: job, hydra, all"),
+    ("completion-shell", ["train", "-sc", "install=nope"], 2, r"completion is for bash, fish, zsh"),
+    ("interpolation-missing", ["train", "trainer.epochs=${nope}"], 2, r"trainer.epochs: Interpolation key 'nope'"),
+    ("run-dir-interpolation", ["train", "hydra.run.dir=${oc.env:DLFS_UNSET}/x"], 2, r"hydra.run.dir: .*DLFS_UNSET"),
+    ("split-seed-negative", ["train", "data.split_seed=-1"], 2, r"data.split_seed: -1 \(a seed is between 0"),
+    ("eval-every-huge", ["train", "trainer.eval_every=3000000000"], 2, r"trainer.eval_every: 3000000000 \(must be <="),
+    ("workers-huge", ["train", "data.num_workers=3000000000"], 2, r"data.num_workers: 3000000000 \(must be <="),
     ("resume-nowhere", ["train", "resume=nowhere"], 2, r"resume=nowhere: no such folder"),
+    ("resume-bad-config", ["train", "resume=badconfig"], 2, r"resume=badconfig: cannot read badconfig/config.yaml"),
+    ("resume-bad-summary", ["train", "resume=badsummary"], 2, r"cannot read summary.json: a JSON list, not an obj"),
+    ("from-bad-config", ["train", "from=badconfig", "hydra.run.dir=new"], 2, r"from=.*badconfig/config.yaml"),
     ("resume-not-a-run", ["train", "resume=mine"], 2, r"resume=mine: not a dlfs run folder"),
     ("resume-moved", ["train", "resume=run", "hydra.run.dir=elsewhere"], 2, r"resume= continues a run in its own"),
     ("resume-changes-model", ["train", "resume=run", "model.hidden_size=3"], 2, r"resume cannot change model"),
@@ -178,6 +201,8 @@ CASES = [
     ("eval-not-a-run", ["eval", "run=mine"], 2, r"no checkpoints/last.pt"),
     ("eval-checkpoint", ["eval", "run=run", "checkpoint=worst"], 2, r"invalid value for checkpoint"),
     ("eval-device", ["eval", "run=run", "device=gpu"], 2, r"invalid value for device"),
+    ("eval-added-key", ["eval", "run=run", "+foo=1"], 2, r"unknown key 'foo' \(valid keys: checkpoint, device, run\)"),
+    ("eval-multirun", ["eval", "-m", "run=run,run"], 2, r"dlfs eval takes no -m"),
     # --- dlfs generate
     ("generate-no-run", ["generate"], 2, r"dlfs generate needs a run folder"),
     ("generate-length", ["generate", "run=run", "length=-1"], 2, r"invalid value for length: -1"),
@@ -186,6 +211,7 @@ CASES = [
     ("generate-temperature-nan", ["generate", "run=run", "temperature=nan"], 2, r"temperature: nan \(must be a finite"),
     ("generate-seed", ["generate", "run=run", "seed=-5"], 2, r"invalid value for seed: -5"),
     ("generate-not-lstm", ["generate", "run=run"], 2, r"lstm_charmodel"),
+    ("generate-added-key", ["generate", "run=run", "+a.b=1"], 2, r"unknown key 'a'"),
     ("generate-prime-as-typed", ["generate", "run=nowhere", "prime=To be, or not: é"], 2, r"run=nowhere: no such"),
     # --- dlfs runs
     ("runs-nowhere", ["runs", "nowhere"], 2, r"nowhere: no such folder"),
@@ -197,6 +223,7 @@ CASES = [
     ("reproduce-only", ["reproduce", "quick=true", "only=[nope]"], 2, r"only: unknown experiment nope"),
     ("reproduce-seeds", ["reproduce", "quick=true", "seeds=[]"], 2, r"seeds: give at least one seed"),
     ("reproduce-device", ["reproduce", "device=gpu"], 2, r"invalid value for device"),
+    ("reproduce-added-key", ["reproduce", "quick=true", "++foo=2"], 2, r"unknown key 'foo'"),
     ("reproduce-existing", ["reproduce", "quick=true", "hydra.run.dir=repro"], 2, r"already holds a reproduction"),
     ("reproduce-users-files", ["reproduce", "quick=true", "hydra.run.dir=mine"], 2, r"is not empty"),
     ("reproduce-seed-negative", ["reproduce", "quick=true", "seeds=[-1]"], 2, r"seed"),
@@ -236,7 +263,7 @@ def test_a_malformed_summary_never_hides_the_other_runs(world: Path, dlfs) -> No
         (world / "bad" / name / "summary.json").write_text(text)
     result = dlfs("runs", ".")
     assert result.code == 0 and "Traceback" not in result.err
-    assert "5 run(s)" in result.out and "completed" in result.out  # run/, sweep/0 and the three bad ones
+    assert "7 run(s)" in result.out and "completed" in result.out  # run/, badconfig/, badsummary/, sweep/0, 3 bad
     assert result.out.count("unreadable") >= 3  # listed, with the reason
     assert "JSON list, not an object" in result.out
 
@@ -268,3 +295,13 @@ def test_a_stray_rank_variable_does_not_open_the_folder(world: Path, dlfs, monke
     result = dlfs("train", "hydra.run.dir=run")
     assert result.code == 2 and "already holds a run" in result.err
     assert snapshot(world) == before
+
+
+def test_a_refused_run_outside_the_working_folder_leaves_no_folder(
+    world: Path, dlfs, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The folders made for hydra.run.dir (its parents too) go with a refusal, wherever they are."""
+    outside = tmp_path_factory.mktemp("outside")
+    result = dlfs("train", f"hydra.run.dir={outside}/a/b", "model.hidden_size=0")
+    assert_one_line_error(result, 2, r"model.hidden_size: 0")
+    assert list(outside.iterdir()) == []

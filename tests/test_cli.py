@@ -64,30 +64,23 @@ print("HEAVY", heavy)
     assert "HEAVY []" in out.stdout
 
 
-def test_the_command_skips_pythons_last_collection_and_a_call_from_python_does_not(monkeypatch) -> None:
-    """`dlfs` itself (main() reading sys.argv) freezes what is left at its end, so that Python's collection
-    at exit does not walk torch's objects; main(args) from a script or a test leaves the collector alone,
-    in failure as in success."""
-    import gc
+def test_the_command_ends_without_pythons_finalization_and_a_call_from_python_does_not(monkeypatch) -> None:
+    """`dlfs` itself (main() reading sys.argv) ends through lifecycle.exit_process, with its exit code (atexit
+    handlers, then os._exit: no last collection over torch's objects, and a signal until the very end keeps
+    its code: test_signals.py); main(args) from a script or a test returns or raises to its caller."""
+    from dlfs_cli import cli, lifecycle
 
-    from dlfs_cli.cli import main
-
+    ended: list[int] = []
+    monkeypatch.setattr(lifecycle, "exit_process", ended.append)
     monkeypatch.setattr(sys, "argv", ["dlfs", "--version"])
-    try:
-        main()
-        assert gc.get_freeze_count() > 0
-        gc.unfreeze()
-        monkeypatch.setattr(sys, "argv", ["dlfs", "nope"])
-        with pytest.raises(SystemExit):
-            main()
-        assert gc.get_freeze_count() > 0
-        gc.unfreeze()
-        main(["--version"])
-        with pytest.raises(SystemExit):
-            main(["nope"])
-        assert gc.get_freeze_count() == 0
-    finally:
-        gc.unfreeze()
+    cli.main()
+    monkeypatch.setattr(sys, "argv", ["dlfs", "nope"])
+    cli.main()
+    assert ended == [0, 2]
+    cli.main(["--version"])
+    with pytest.raises(SystemExit):
+        cli.main(["nope"])
+    assert ended == [0, 2]
 
 
 def test_device_cuda_without_cuda_is_refused(run_here, tmp_path: Path) -> None:

@@ -79,11 +79,13 @@ def test_the_lock_is_the_processes_own(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A file system of 160 KiB (tmpfs); skipped where this user may not mount one."""
+def small_disk(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A file system of 160 KiB (tmpfs; another size with indirect parametrization); skipped where this user
+    may not mount one."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mount)], capture_output=True)
+    size = getattr(request, "param", "160k")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()[:100]}")
     try:
@@ -109,6 +111,16 @@ def test_a_full_disk_names_the_file_and_keeps_the_last_checkpoint(
         import torch
 
         torch.load(run / "checkpoints" / "last.pt", weights_only=True)  # the previous one is whole
+
+
+@pytest.mark.parametrize("small_disk", ["8k"], indirect=True)
+def test_a_disk_full_before_the_run_began_names_the_folder(small_disk: Path, dlfs, monkeypatch) -> None:
+    """Full already when Hydra writes its own files (.hydra/config.yaml), whose error names no file."""
+    monkeypatch.chdir(small_disk)
+    result = dlfs("train", "device=cpu", "hydra.run.dir=run")
+    assert result.code == 2 and "Traceback" not in result.err
+    assert result.err.strip() == f"dlfs: error: cannot use {small_disk / 'run'}/: the disk is full", result.err
+    assert list(small_disk.iterdir()) == []  # and the refused run's folder went
 
 
 def test_a_read_only_working_folder(small_disk: Path, dlfs, monkeypatch: pytest.MonkeyPatch) -> None:

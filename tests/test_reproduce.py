@@ -191,6 +191,26 @@ def test_reproduce_refuses_unknown_experiments(run_here, tmp_path: Path) -> None
     assert out.returncode == 2 and "only: unknown experiment book_nope; valid: book_autoencoder" in out.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        # seed 1 twice would train twice into book_boston/seed1/ and count as two seeds in the mean
+        (["seeds=[1,0,1]"], "seeds: 1 given more than once; each seed runs once"),
+        (["seeds=[2,2,3,3]"], "seeds: 2, 3 given more than once"),
+        # only's default (null) is every target: an explicit empty list is refused, as seeds=[] is
+        (["only=[]"], "only: give at least one experiment, or leave it out for all: book_autoencoder, book_boston"),
+    ],
+)  # fmt: skip
+def test_repeated_seeds_and_an_empty_only_are_refused_before_anything_runs(
+    run_here, fake_runs, tmp_path: Path, args: list[str], message: str
+) -> None:
+    fake_runs(IN_BAND | IMPROVED)
+    out = run_here("reproduce", "quick=true", *args, "hydra.run.dir=repro", cwd=tmp_path)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("dlfs")
+    assert not (tmp_path / "repro").exists()
+
+
 @pytest.mark.slow
 def test_dlfs_runs_lists_the_runs_inside_a_reproduction(quick, capsys) -> None:
     from dlfs_cli.runs import list_runs

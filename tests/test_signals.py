@@ -8,6 +8,7 @@ exit code (128 + the signal), the status, and that a resume finishes what was no
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -41,8 +42,7 @@ def process_handlers(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], N
     monkeypatch.undo()  # the dlfs fixture's no-op install: here the real one
 
     def reset() -> None:
-        lifecycle._requested = None
-        lifecycle._listeners.clear()
+        lifecycle._forget()
 
     yield reset
     for s, handler in previous.items():
@@ -189,3 +189,91 @@ def test_an_ignored_signal_stays_ignored(process_handlers) -> None:
     lifecycle.install_for_process()
     assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
     assert signal.getsignal(signal.SIGTERM) is lifecycle._handle
+
+
+def test_a_second_signal_while_the_stop_is_recorded_leaves_the_run_interrupted(
+    dlfs, process_handlers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second signal lands while the first one's stop is being written down: it aborts once that is
+    done (it left status "failed" when it cut the record short)."""
+    original = Trainer._after_step
+
+    def after_step(self, *args):
+        if self.step == 4:
+            signal.raise_signal(signal.SIGINT)
+        original(self, *args)
+
+    monkeypatch.setattr(Trainer, "_after_step", after_step)
+    record = dlfs_cli.train._record_failure
+    monkeypatch.setattr(dlfs_cli.train, "_record_failure", raising(signal.SIGTERM, record))
+    run = tmp_path / "run"
+    result = dlfs("train", *QUICK, f"hydra.run.dir={run}")
+    assert result.code == 143 and "aborted" in result.err and "Traceback" not in result.err, result.err
+    assert summary(run)["status"] == "interrupted" and "interrupted by SIGINT" in summary(run)["error"]
+
+
+EXIT_LATE = """
+import atexit, signal, sys
+from dlfs_cli.cli import main
+atexit.register(lambda: [signal.raise_signal(signal.SIGTERM) for _ in range({n})])
+sys.argv = ["dlfs", "train", "--cfg", "job"]
+main()
+"""
+
+
+@pytest.mark.parametrize("signals", [1, 2])
+def test_a_signal_as_the_process_exits_still_gets_its_code_and_line(signals: int, tmp_path: Path) -> None:
+    """After the command's own last check, while the process ends (atexit handlers): exit 143 and the
+    line, never 0 (a shell script would go on after a Ctrl-C) nor a traceback, for one signal or two."""
+    code = EXIT_LATE.format(n=signals)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 143, out.stderr
+    assert out.stderr.strip() == "dlfs: stopped by a signal (exit 143); everything was saved", out.stderr
+    assert "model:" in out.stdout  # the command's own output is all there
+
+
+def test_a_sweeps_worker_stops_when_the_sweep_does(process_handlers, tmp_path: Path) -> None:
+    """A signal sent to the sweep's process alone (kill PID, a scheduler's timeout) reaches its joblib
+    workers through the stop file; the worker stops as that signal would, and a real signal arriving
+    after it (Ctrl-C reaches the whole group) is the same stop, not a second one."""
+    lifecycle.install_for_process()
+    stop = tmp_path / dlfs_cli.sweep.STOP_FILE
+    asked: list[int] = []
+    lifecycle.on_request(asked.append)
+    with dlfs_cli.sweep.relay_stop(stop):
+        stop.write_text(str(int(signal.SIGTERM)))
+        wait_for(lambda: lifecycle.requested() is not None, timeout=30)
+        signal.raise_signal(signal.SIGINT)  # no Aborted: the first signal this process received
+    assert asked == [signal.SIGTERM] and lifecycle.exit_code() == 143
+    with pytest.raises(lifecycle.Aborted):
+        signal.raise_signal(signal.SIGHUP)
+
+
+def test_a_process_started_without_stderr_gives_its_children_one(tmp_path: Path) -> None:
+    """`dlfs train -m ... hydra/launcher=joblib 2>&-`: the workers died at their start (faulthandler needs
+    a stderr) and the sweep ran no job. The closed descriptor is /dev/null from the start, inherited."""
+    code = (
+        "import subprocess, sys; from dlfs_cli import lifecycle; lifecycle.protect_console()\n"
+        "child = 'import sys; print(sys.stderr is not None)'\n"
+        "print(subprocess.run([sys.executable, '-c', child], stdout=subprocess.PIPE, text=True).stdout.strip())"
+    )
+    out = subprocess.run(
+        ["bash", "-c", f'{sys.executable} -c "$0" 2>&-', code], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert out.stdout.strip() == "True", (out.stdout, out.stderr)
+
+
+def test_joblibs_resource_tracker_outlives_a_closed_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """loky's tracker ignores SIGINT and SIGTERM only: SIGHUP to the terminal's group killed it and the
+    workers printed its tracebacks. dlfs starts it with SIGHUP ignored."""
+    from joblib.externals.loky.backend import resource_tracker
+
+    tracker = resource_tracker.ResourceTracker()  # a tracker of this test's own: the module's may be running
+    monkeypatch.setattr(resource_tracker, "ensure_running", tracker.ensure_running)
+    dlfs_cli.sweep._start_loky_tracker()
+    try:
+        ignored = int(Path(f"/proc/{tracker._pid}/status").read_text().split("SigIgn:")[1].split()[0], 16)
+        assert ignored & (1 << (signal.SIGHUP - 1))
+        assert signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN  # this process's own is put back
+    finally:
+        tracker._stop()

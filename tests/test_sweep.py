@@ -127,15 +127,6 @@ def test_jobs_that_fail_or_diverge_do_not_stop_the_others(run_here, tmp_path: Pa
     assert [r["status"] for r in rows] == ["completed", "diverged", "failed"]
 
 
-def test_jobs_sharing_a_folder_never_overwrite_each_other(run_here, tmp_path: Path) -> None:
-    """A hydra.sweep.subdir that two jobs resolve alike: the second is refused, the first's run kept."""
-    args = ["-m", "seed=1", "trainer.epochs=1,2", "device=cpu", "figures.enabled=false"]
-    out = run_here("train", *args, "hydra.sweep.dir=sweep", "hydra.sweep.subdir=s${seed}", cwd=tmp_path)
-    assert out.returncode != 0 and "Traceback" not in out.stderr + out.stdout
-    kept = json.loads((tmp_path / "sweep" / "s1" / "summary.json").read_text())
-    assert kept["status"] == "completed" and kept["epochs_completed"] == 1
-
-
 @pytest.mark.slow  # joblib's worker processes each import torch (~8 s)
 def test_jobs_that_fail_or_diverge_in_parallel_do_not_stop_the_others(run_here, tmp_path: Path) -> None:
     out = run_here(

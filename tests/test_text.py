@@ -165,6 +165,18 @@ def test_generation_is_deterministic_for_a_seed() -> None:
         sample(model, ALPHABET, "aXY", 5, 1.0, 0, torch.device("cpu"))
 
 
+class NotToBeCalled(torch.nn.Module):
+    def forward(self, *args):
+        raise AssertionError("sampling started")
+
+
+@pytest.mark.parametrize("length", [10**7 + 1, 3_000_000_000, 2**63 - 1])
+def test_a_length_beyond_the_bound_is_refused_before_sampling(length: int) -> None:
+    # one model call a character: 3e9 of them would run for weeks with no output
+    with pytest.raises(DlfsError, match=rf"^invalid value for length: {length} \(must be between 0 and 10000000\)$"):
+        sample(NotToBeCalled(), ALPHABET, "abc", length, 1.0, 0, torch.device("cpu"))
+
+
 @pytest.mark.parametrize("batching", ["streams", "book", "book-carried"])
 def test_smoke_run_then_generate(run_here, make_cfg, tmp_path: Path, batching: str) -> None:
     """book-carried: the book's evaluation from the state carried out of training, which last.pt holds:
@@ -196,6 +208,10 @@ def test_smoke_run_then_generate(run_here, make_cfg, tmp_path: Path, batching: s
         outs = [run_here("generate", f"run={run}", "length=300", "seed=3", cwd=tmp_path) for _ in range(2)]
         assert all(o.returncode == 0 for o in outs), outs[0].stderr
         assert outs[0].stdout == outs[1].stdout and len(outs[0].stdout) >= 300
+        huge = run_here("generate", f"run={run}", "length=3000000000", cwd=tmp_path)  # refused, not hung
+        assert huge.returncode == 2 and huge.stdout == "" and "Traceback" not in huge.stderr
+        assert len(huge.stderr.strip().splitlines()) == 1 and huge.stderr.startswith("dlfs")
+        assert "invalid value for length: 3000000000 (must be between 0 and 10000000)" in huge.stderr
 
 
 def test_generate_errors_are_one_line(run_here, tmp_path: Path) -> None:
