@@ -277,3 +277,31 @@ def test_joblibs_resource_tracker_outlives_a_closed_terminal(monkeypatch: pytest
         assert signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN  # this process's own is put back
     finally:
         tracker._stop()
+
+
+@pytest.mark.slow  # joblib's worker processes each import torch (~8 s)
+def test_a_signal_to_a_joblib_sweeps_process_alone_stops_its_running_jobs(tmp_path: Path) -> None:
+    """`kill PID` (a scheduler's timeout) reaches the sweep's process, not the workers that train: they stop
+    and save as that signal would, instead of training to the end."""
+    sweep = tmp_path / "s"
+    args = ["train", "-m", "seed=1,2", "device=cpu", "trainer.epochs=100000", "figures.enabled=false"]
+    args += ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dlfs_cli", *args],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own group: the signal reaches the sweep's process alone
+    )
+    try:
+        wait_for(lambda: all((sweep / str(j) / "checkpoints" / "last.pt").exists() for j in (0, 1)), proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("dlfs: sweep interrupted: 2 of the sweep's jobs did not complete")
+    assert [summary(sweep / str(j))["status"] for j in (0, 1)] == ["interrupted", "interrupted"]
+    assert (sweep / "summary.csv").exists()
