@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 import yaml
 
 from dlfs_cli.errors import DlfsError
-from dlfs_cli.runs import Run, fmt, metric_keys, read_run, table_console
+from dlfs_cli.runs import Run, fmt, metric_keys, read_run, table_console, unreadable_reason
 from dlfs_cli.tracking import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, Losses, read_losses, spans_decades
 
 MISSING = "-"  # a key or value one of the runs does not have
@@ -74,14 +74,15 @@ def _load(path: Path) -> Side:
         if not (path / name).is_file():
             raise DlfsError(f"{path}: not a run folder (no {name})")
     run = read_run(path)
-    if run is None or run.status == "unreadable":  # read_run keeps a bad summary.json as a row; here it is fatal
+    if run is None or run.status == "unreadable":  # read_run keeps a bad summary.json or .hydra/ file as a row
         raise DlfsError(f"{path}: {run.summary.error if run else 'not a run folder'}")
     try:
-        config = yaml.safe_load((path / CONFIG_FILE).read_text())
+        config = yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError, UnicodeDecodeError) as ex:
-        raise DlfsError(f"{path / CONFIG_FILE}: unreadable: {' '.join(str(ex).split())[:200]}") from None
+        raise DlfsError(f"{path / CONFIG_FILE}: unreadable: {unreadable_reason(ex)}") from None
     if not isinstance(config, dict):
-        raise DlfsError(f"{path / CONFIG_FILE}: not a config (a YAML {type(config).__name__}, not a mapping)")
+        kind = "an empty file" if config is None else f"a YAML {type(config).__name__}"
+        raise DlfsError(f"{path / CONFIG_FILE}: not a config ({kind}, not a mapping)")
     return Side(run, flatten(config))
 
 

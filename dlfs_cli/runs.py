@@ -29,6 +29,7 @@ from dlfs_cli.summary import FIELDS, Summary
 from dlfs_cli.tracking import SUMMARY_FILE
 
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
+HYDRA_FILE = Path(".hydra") / "hydra.yaml"
 STATUSES = ("completed", "running", "killed", "diverged", "interrupted", "failed", "skipped", "unknown", "unreadable")
 # Keys that only pick the random draws: runs that differ in nothing else are seeds of one setting.
 SEED_KEYS = frozenset({"seed"})
@@ -58,40 +59,115 @@ class Run:
 def read_run(path: Path) -> Run | None:
     """The run in `path`, or None when it is not a run folder (another command's folder, like a
     reproduction's, holds runs instead). A training folder without summary.json yet is `unknown`:
-    starting, or killed before its first file."""
+    starting, or killed before its first file. A folder whose files cannot be read or are malformed
+    (summary.json, .hydra/overrides.yaml, .hydra/hydra.yaml) is `unreadable`, the reason in its error;
+    what summary.json holds is kept when that file could be read."""
     overrides: dict[str, str] = {}
-    job, command = None, None
-    if (path / OVERRIDES_FILE).is_file():
+    job, command, problems = None, None, []
+    if _is_file(path / OVERRIDES_FILE):
         try:
-            for item in yaml.safe_load((path / OVERRIDES_FILE).read_text()) or []:
-                key, _, value = str(item).partition("=")
-                overrides[key.lstrip("+~")] = value
-            hydra = (yaml.safe_load((path / ".hydra" / "hydra.yaml").read_text()) or {}).get("hydra") or {}
-            job, command = hydra.get("job", {}).get("num"), hydra.get("job", {}).get("name")
-        except (OSError, yaml.YAMLError, AttributeError):
-            pass
+            overrides = _overrides(_load_yaml(path, OVERRIDES_FILE))
+        except _Unreadable as ex:
+            problems.append(str(ex))
+        try:
+            job, command = _job(path)
+        except _Unreadable as ex:
+            problems.append(str(ex))
     try:
         summary = Summary.load(path / SUMMARY_FILE)
     except FileNotFoundError:
-        if command != "train":
+        if command != "train" and not problems:
             return None
         summary = Summary(status="unknown", error="no summary.json: starting, or ended before it began (killed?)")
     except (OSError, ValueError) as ex:  # one malformed folder never hides the others
-        summary = Summary(status="unreadable", error=f"unreadable summary.json: {str(ex)[:200]}")
+        summary = Summary(status="unreadable", error=f"unreadable summary.json: {unreadable_reason(ex)}")
     if summary.status == "running" and runlock.holder(path) is None:
         summary.update(status="killed", error="no process is writing it: killed or crashed (resume it)")
+    if problems:  # a run whose overrides cannot be read is not shown as though it had none
+        problems += [summary.error] if summary.status == "unreadable" and summary.error else []
+        summary.update(status="unreadable", error="; ".join(problems))
     return Run(path, summary, overrides, job if isinstance(job, int) else None)
 
 
-def find_runs(root: Path) -> list[Run]:
-    """Every run folder under `root` (itself included), without descending into a run's own files."""
+class _Unreadable(Exception):
+    """A run folder's file that cannot be read, or is not what Hydra writes there: the message names it."""
+
+
+def unreadable_reason(ex: BaseException) -> str:
+    """Why a file could not be read, in a few words on one line (its name is the caller's to give)."""
+    if isinstance(ex, UnicodeDecodeError):
+        return "not UTF-8 text"
+    if isinstance(ex, OSError) and ex.strerror:
+        return ex.strerror[:1].lower() + ex.strerror[1:]  # "permission denied": the path is named already
+    if isinstance(ex, yaml.MarkedYAMLError) and ex.problem and ex.problem_mark:  # its own text spans lines
+        return f"not YAML: {ex.problem} (line {ex.problem_mark.line + 1}, column {ex.problem_mark.column + 1})"
+    return " ".join(str(ex).split())[:200]
+
+
+def _is_file(path: Path) -> bool:
+    """Path.is_file, but a file that is there and cannot be looked at (its folder lacks the x permission)
+    counts: reading it then says why, where is_file would raise."""
+    try:
+        return path.is_file()
+    except OSError:
+        return True
+
+
+def _load_yaml(run: Path, name: Path) -> Any:
+    try:
+        return yaml.safe_load((run / name).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as ex:
+        raise _Unreadable(f"unreadable {name}: {unreadable_reason(ex)}") from None
+
+
+def _overrides(items: Any) -> dict[str, str]:
+    """Hydra's overrides.yaml, a list of KEY=VALUE texts, as {KEY: VALUE}."""
+    if items is None:  # an empty file: a run with no overrides
+        return {}
+    if not isinstance(items, list):
+        raise _Unreadable(f"unreadable {OVERRIDES_FILE}: a YAML {type(items).__name__}, not a list of overrides")
+    overrides = {}
+    for i, item in enumerate(items, 1):
+        if not isinstance(item, str):  # Hydra writes each override as text: anything else was not written by it
+            raise _Unreadable(f"unreadable {OVERRIDES_FILE}: item {i} is a YAML {type(item).__name__}, not an override")
+        key, _, value = item.partition("=")
+        overrides[key.lstrip("+~")] = value
+    return overrides
+
+
+def _job(run: Path) -> tuple[Any, Any]:
+    """The job's number in its sweep and the command that made the folder, from Hydra's hydra.yaml (None
+    for either when it is not there: a folder with overrides.yaml alone is still read)."""
+    if not _is_file(run / HYDRA_FILE):
+        return None, None
+    tree = _load_yaml(run, HYDRA_FILE)
+    if tree is not None and not isinstance(tree, dict):
+        raise _Unreadable(f"unreadable {HYDRA_FILE}: a YAML {type(tree).__name__}, not a mapping")
+    hydra = (tree or {}).get("hydra")
+    job = hydra.get("job") if isinstance(hydra, dict) else None
+    return (job.get("num"), job.get("name")) if isinstance(job, dict) else (None, None)
+
+
+def find_runs(root: Path, unlisted: bool = False) -> list[Run]:
+    """Every run folder under `root` (itself included), without descending into a run's own files.
+    unlisted: a folder below `root` that cannot be listed is a row too, `unreadable` with the reason
+    (else skipped, as it always is by os.walk); `root` itself that cannot be listed is a DlfsError."""
     runs = []
-    for folder, subdirs, files in os.walk(root):
+
+    def cannot_list(ex: OSError) -> None:
+        if ex.filename is None or Path(ex.filename) == root:
+            raise DlfsError(f"{root}: cannot be read: {unreadable_reason(ex)}")
+        if unlisted:  # it may hold runs: never left out without a word
+            error = f"cannot list its files: {unreadable_reason(ex)}"
+            runs.append(Run(Path(ex.filename), Summary(status="unreadable", error=error)))
+
+    for folder, subdirs, files in os.walk(root, onerror=cannot_list):
         here = Path(folder)
-        if SUMMARY_FILE in files or (here / OVERRIDES_FILE).is_file():
-            run = read_run(here)
-            if run is not None:
-                runs.append(run)
+        run = read_run(here) if SUMMARY_FILE in files or _is_file(here / OVERRIDES_FILE) else None
+        if run is not None:
+            runs.append(run)
+            # a folder whose .hydra files cannot be read may be a reproduction's, with runs inside: looked in
+            if run.status != "unreadable" or SUMMARY_FILE in files:
                 subdirs.clear()
                 continue
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
@@ -369,7 +445,7 @@ def _parser() -> argparse.ArgumentParser:
         "validation loss (a run without validation metrics: its test_loss, marked *), test the model's "
         "test metric (accuracy, mse or loss); the overrides that differ between the runs follow when they fit.",
     )
-    p.add_argument("path", nargs="?", default=os.environ.get("DLFS_OUTPUTS", "outputs"), help="default: outputs/")
+    p.add_argument("path", nargs="?", help="default: outputs/")
     p.add_argument("--model", help="only runs of this model (boston, mnist_cnn, lstm_charmodel, autoencoder)")
     p.add_argument("--status", choices=STATUSES, help="only runs with this status")
     p.add_argument(
@@ -397,15 +473,28 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def list_runs(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
-    root = Path(args.path)
-    if not root.is_dir():
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.path == "":  # Path("") is the working folder: an empty argument is a mistake, not a choice of "."
+        parser.error("PATH is empty: name a folder, or leave it out to list outputs/")
+    if args.path is None and os.environ.get("DLFS_OUTPUTS") == "":
+        raise DlfsError("DLFS_OUTPUTS is empty: unset it to list outputs/, or name a folder (dlfs runs PATH)")
+    root = Path(args.path if args.path is not None else os.environ.get("DLFS_OUTPUTS", "outputs"))
+    try:
+        is_dir = root.is_dir()
+    except OSError as ex:  # a folder above it cannot be looked into
+        raise DlfsError(f"{root}: cannot be read: {unreadable_reason(ex)}") from None
+    if not is_dir:
         raise DlfsError(f"{root}: no such folder (dlfs runs lists the run folders under a folder, default outputs/)")
-    everything = find_runs(root)
+    everything = find_runs(root, unlisted=True)
     known = _Columns(everything, root)  # a name any run under PATH has is a column, whatever --model keeps
     runs = everything
-    if args.model:
-        runs = [r for r in runs if _first(r.summary.model, r.overrides.get("model")) == args.model]
+    if args.model is not None:
+        models = {m for m in map(_model, everything) if m is not None}
+        valid = sorted(models | set(_known_models()))  # an old run's model that is gone from conf/ too
+        if args.model not in valid:  # else a typo lists no run, as though there were none
+            raise DlfsError(f"--model {args.model or repr('')}: no such model; valid: {', '.join(valid)}")
+        runs = [r for r in runs if _model(r) == args.model]
     if args.status:
         runs = [r for r in runs if r.status == args.status]
     if everything and known.get(args.sort) is None:
@@ -427,6 +516,17 @@ def list_runs(argv: list[str]) -> int:
     else:
         _print_default(runs, root, args.sort, found)
     return 0
+
+
+def _model(run: Run) -> str | None:
+    return _first(run.summary.model, run.overrides.get("model"))
+
+
+def _known_models() -> list[str]:
+    """The models dlfs trains: conf/model/*.yaml (read, not imported: dlfs_cli.models imports torch)."""
+    from dlfs_cli.config import conf_dir
+
+    return sorted(p.stem for p in (conf_dir() / "model").glob("*.yaml"))
 
 
 def print_runs(runs: list[Run], root: Path) -> None:

@@ -114,6 +114,24 @@ def _a_file(tmp_path: Path) -> None:
     (tmp_path / "b").write_text("")
 
 
+def _hydra_file(name: str, text: bytes) -> Any:
+    """A run the CLI started (its .hydra/ folder), with `text` in .hydra/`name`."""
+
+    def setup(tmp_path: Path) -> None:
+        (make_run(tmp_path / "b") / ".hydra").mkdir()
+        (tmp_path / "b" / ".hydra" / "overrides.yaml").write_text("- model=boston\n")
+        (tmp_path / "b" / ".hydra" / name).write_bytes(text)
+
+    return setup
+
+
+def _config(text: bytes) -> Any:
+    def setup(tmp_path: Path) -> None:
+        (make_run(tmp_path / "b") / "config.yaml").write_bytes(text)
+
+    return setup
+
+
 def _bad_metrics_for_plot(tmp_path: Path) -> None:
     (make_run(tmp_path / "b") / "metrics.csv").write_text("epoch,step,split,loss\n1,x,train,2\n")
 
@@ -127,6 +145,14 @@ def _bad_metrics_for_plot(tmp_path: Path) -> None:
         (_no_config, ["a", "b"], "b: not a run folder (no config.yaml)"),
         (_broken_json, ["a", "b"], "b: unreadable summary.json: Expecting property name"),
         (_a_list_for_config, ["a", "b"], "b/config.yaml: not a config (a YAML list, not a mapping)"),
+        (_config(b"\xff\xfe\n"), ["a", "b"], "b/config.yaml: unreadable: not UTF-8 text"),
+        (_config(b": : :\n"), ["a", "b"], "b/config.yaml: unreadable: not YAML: expected <block end>"),
+        (_config(b""), ["a", "b"], "b/config.yaml: not a config (an empty file, not a mapping)"),
+        (_hydra_file("overrides.yaml", b"\xff\xfe\n"), ["a", "b"], "b: unreadable .hydra/overrides.yaml: not UTF-8"),
+        (_hydra_file("overrides.yaml", b": : :\n"), ["a", "b"], "b: unreadable .hydra/overrides.yaml: not YAML"),
+        (_hydra_file("overrides.yaml", b"- 1\n"), ["b", "a"], "b: unreadable .hydra/overrides.yaml: item 1 is"),
+        (_hydra_file("overrides.yaml", b"a: 1\n"), ["a", "b"], ".hydra/overrides.yaml: a YAML dict, not a list"),
+        (_hydra_file("hydra.yaml", b"\xff\n"), ["a", "b"], "b: unreadable .hydra/hydra.yaml: not UTF-8 text"),
         (None, ["a", "a", "--plot", "nowhere/x.png"], "--plot nowhere/x.png: no such folder nowhere"),
         (None, ["a", "a", "--plot", "x.jpg"], "--plot x.jpg: the file must end in .png"),
         (None, ["a", "a", "--plot", "a.png"], "--plot a.png: is a folder"),

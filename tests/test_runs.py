@@ -7,9 +7,11 @@ started): no training, no torch.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -321,3 +323,116 @@ def test_a_long_path_is_shortened_in_its_middle() -> None:
     # the folder that tells the runs apart is kept in part rather than dropped whole
     assert shorten("repro/improved_lstm_charmodel/seed0", 26) == "repro/improv…armodel/seed0"
     assert len(shorten("a" * 50, 10)) == 10
+
+
+def one_line_error(out: Any) -> str:
+    """The one line a refused `dlfs runs` prints: exit 2, nothing on stdout, no traceback."""
+    assert out.returncode == 2 and out.stdout == "" and "Traceback" not in out.stderr, out.stderr
+    (line,) = out.stderr.splitlines()
+    assert line.startswith("dlfs")
+    return line
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "reason"),
+    [
+        ("overrides.yaml", b"\xff\xfe\n", "unreadable .hydra/overrides.yaml: not UTF-8 text"),
+        ("overrides.yaml", b": : :\n", "unreadable .hydra/overrides.yaml: not YAML: "),
+        ("overrides.yaml", b"- optimizer.lr=0.1\n- [a]\n", "item 2 is a YAML list, not an override"),
+        ("overrides.yaml", b"optimizer.lr: 0.1\n", "unreadable .hydra/overrides.yaml: a YAML dict, not a list"),
+        ("hydra.yaml", b"\xff\n", "unreadable .hydra/hydra.yaml: not UTF-8 text"),
+        ("hydra.yaml", b"- 1\n", "unreadable .hydra/hydra.yaml: a YAML list, not a mapping"),
+    ],
+)
+def test_a_malformed_hydra_file_is_unreadable_and_hides_no_other_run(
+    run_here, tmp_path: Path, name: str, text: bytes, reason: str
+) -> None:
+    root = tmp_path / "r"
+    make_run(root, "good", "boston", "boston", regression(24.5, 21.3), overrides=[*cli("boston"), "optimizer.lr=0.1"])
+    bad = make_run(root, "b", "boston", "boston", regression(20.0, 19.0), overrides=[*cli("boston"), "optimizer.lr=1"])
+    (bad / ".hydra" / name).write_bytes(text)
+    for args in ([], ["--all"], ["--sort", "optimizer.lr"], ["--columns", "run,status,optimizer.lr"]):
+        out = run_here("runs", str(root), *args, cwd=tmp_path)
+        assert out.returncode == 0 and out.stderr == "", out.stderr
+        assert dict(zip(column(out.stdout, "run"), column(out.stdout, "status"), strict=True)) == {
+            "good": "completed",
+            "b": "unreadable",
+        }
+        assert reason in " ".join(out.stdout.split())  # the reason, below the table
+    out = run_here("runs", str(root), "--format", "json", "--sort", "optimizer.lr", cwd=tmp_path)
+    by_run = {r["run"]: r for r in json.loads(out.stdout)}
+    assert by_run["good"]["status"] == "completed" and by_run["good"]["optimizer.lr"] == "0.1"
+    assert by_run["b"]["status"] == "unreadable" and reason in by_run["b"]["error"]
+    assert by_run["b"]["test_mse"] == 19.0  # what its summary.json says is still shown
+
+
+def _refused(folder: str, real: Any) -> Any:
+    """os.scandir, but a folder named `folder` cannot be listed, as after chmod 000 (root ignores chmod)."""
+
+    def scandir(path: Any = ".") -> Any:
+        if Path(path).name == folder:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path)
+
+    return scandir
+
+
+def test_a_folder_that_cannot_be_read_is_listed_as_unreadable(
+    run_here, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "r"
+    make_run(root, "good", "boston", "boston", regression(24.5, 21.3))
+    make_run(root, "locked", "boston", "boston", regression(24.5, 21.3))
+    stuck = make_run(root, "stuck", "boston", "boston", regression(24.5, 21.3), overrides=cli("boston"))
+    monkeypatch.setattr(os, "scandir", _refused("locked", os.scandir))
+    # a folder without the x permission: its names can be listed, its files neither looked at nor opened
+    real_is_file, real_read_text = Path.is_file, Path.read_text
+
+    def denied(real: Any) -> Any:
+        def call(self: Path, *args: Any, **kwargs: Any) -> Any:
+            if self.parent in (stuck, stuck / ".hydra"):
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            return real(self, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(Path, "is_file", denied(real_is_file))
+    monkeypatch.setattr(Path, "read_text", denied(real_read_text))
+    out = run_here("runs", str(root), cwd=tmp_path)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert sorted(column(out.stdout, "run")) == ["good", "locked", "stuck"]
+    text = " ".join(out.stdout.split())  # the reasons, below the table
+    assert "locked: unreadable: cannot list its files: permission denied" in text
+    assert "stuck: unreadable: unreadable .hydra/overrides.yaml: permission denied" in text
+    out = run_here("runs", str(root), "--format", "json", cwd=tmp_path)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    by_run = {r["run"]: r for r in json.loads(out.stdout)}
+    assert {run: r["status"] for run, r in by_run.items()} == {
+        "good": "completed",
+        "locked": "unreadable",
+        "stuck": "unreadable",
+    }
+    assert by_run["locked"]["error"] == "cannot list its files: permission denied"
+    assert "unreadable summary.json: permission denied" in by_run["stuck"]["error"]
+
+    line = one_line_error(run_here("runs", str(root / "locked"), cwd=tmp_path))  # PATH itself: nothing to list
+    assert line == f"dlfs: error: {root / 'locked'}: cannot be read: permission denied"
+
+
+def test_an_unknown_model_is_refused(run_here, mixed: Path) -> None:
+    line = one_line_error(run_here("runs", str(mixed), "--model", "nope", cwd=mixed.parent))
+    assert line.endswith("--model nope: no such model; valid: autoencoder, boston, lstm_charmodel, mnist_cnn")
+    assert "--model '': no such model" in one_line_error(run_here("runs", str(mixed), "--model", "", cwd=mixed.parent))
+    assert "--model nope" in one_line_error(run_here("runs", str(mixed.parent), "--model", "nope", cwd=mixed.parent))
+    # a model that is no longer in conf/model: its runs can still be listed
+    make_run(mixed, "retired", "resnet", "digits", MNIST)
+    out = run_here("runs", str(mixed), "--model", "resnet", "--format", "json", cwd=mixed.parent)
+    assert out.returncode == 0 and [r["run"] for r in json.loads(out.stdout)] == ["retired"]
+
+
+def test_an_empty_path_is_refused(run_here, mixed: Path) -> None:
+    line = one_line_error(run_here("runs", "", cwd=mixed))  # not the working folder, which Path("") is
+    assert line.startswith("dlfs: error: dlfs runs: PATH is empty: name a folder, or leave it out to list outputs/")
+    line = one_line_error(run_here("runs", cwd=mixed, env={"DLFS_OUTPUTS": ""}))
+    assert line.startswith("dlfs: error: DLFS_OUTPUTS is empty")
+    assert run_here("runs", "--format", "json", cwd=mixed.parent, env={"DLFS_OUTPUTS": "outputs"}).returncode == 0
