@@ -753,12 +753,15 @@ def _check_hydra_key(key: str, value: str) -> None:
     """Hydra's keys that would write outside the run's own folder, or not as dlfs says it does."""
     if key == "hydra.mode":
         _fail("hydra.mode: for a sweep use -m, e.g. dlfs train -m seed=1,2,3")
-    if key == "hydra.job.chdir" and value != "false":
+    if key == "hydra.job.chdir" and value.lower() != "false":
         _fail("hydra.job.chdir: dlfs never changes the working folder (relative paths are read from where you run it)")
-    if key == "hydra.sweep.subdir" and ("${hydra.job.num}" not in value or ".." in Path(value).parts):
+    # Hydra writes a job's .hydra/ files before any check of the job's own: a subdir that two jobs resolve
+    # alike, or that leads out of the sweep's folder, would write over another run's
+    per_job = any(f"${{hydra{sep}job.{k}" in value for sep in ".:" for k in ("num", "id", "override_dirname"))
+    if key == "hydra.sweep.subdir" and (not per_job or ".." in Path(value).parts or Path(value).is_absolute()):
         _fail(
             f"hydra.sweep.subdir={value}: each job needs a folder of its own inside hydra.sweep.dir; "
-            "include ${hydra.job.num} (the default), without '..'"
+            "include ${hydra.job.num} (the default), ${hydra.job.id} or ${hydra.job.override_dirname}, without '..'"
         )
     if key == "hydra.output_subdir" and value != "null" and (Path(value).is_absolute() or ".." in Path(value).parts):
         _fail(f"hydra.output_subdir={value}: a folder inside the run's own (default .hydra), or null for none")

@@ -36,6 +36,7 @@ LOCK_FILE = ".dlfs.lock"
 PARENT_ENV = "DLFS_PARENT_RUN_DIR"
 # What a refused run may remove: only what Hydra and this module put into a folder they made.
 OWN_FILES = frozenset({".hydra", LOCK_FILE, "multirun.yaml"})
+OUTPUT_SUBDIRS: set[str] = set()  # hydra.output_subdir's first part where not .hydra: Hydra's files there too
 
 _held: dict[Path, int] = {}  # resolved folder -> the open lock file (closing it releases the lock)
 # resolved folders this process created for a run or sweep, each with the highest folder that mkdir made for
@@ -247,6 +248,9 @@ def _guard(config: DictConfig, key: str) -> None:
         if key == "hydra.sweep.dir" and folder.resolve() in CONTINUED and holds(folder):
             return  # resume=<sweep folder>: this process finishes the sweep, and its Optuna study goes on there
         check_new_folder(folder, key)
+        subdir = OmegaConf.select(config, "hydra.output_subdir")
+        if subdir:
+            OUTPUT_SUBDIRS.add(Path(str(subdir)).parts[0])
         top = folder.resolve()
         while not top.parent.exists():
             top = top.parent
@@ -268,10 +272,11 @@ def drop_refused(folder: Path) -> None:
     Only a folder whose lock this process holds: never one that another process writes."""
     if not holds(folder):
         return
-    if not folder.is_dir() or not {p.name for p in folder.iterdir()} <= OWN_FILES:
+    own = OWN_FILES | OUTPUT_SUBDIRS
+    if not folder.is_dir() or not {p.name for p in folder.iterdir()} <= own:
         release(folder)
         return
-    for name in OWN_FILES:  # the lock file last, while still held: nobody takes a lock on a file going away
+    for name in own:  # the lock file last, while still held: nobody takes a lock on a file going away
         path = folder / name
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)

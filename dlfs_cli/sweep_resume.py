@@ -23,7 +23,7 @@ from dlfs_cli import lifecycle, runlock
 from dlfs_cli.config import optuna_plugin
 from dlfs_cli.errors import DlfsError, exit_code_of
 from dlfs_cli.runs import OVERRIDES_FILE, Run, read_run
-from dlfs_cli.sweep import MULTIRUN_FILE, SweepFolder, is_optuna, job_folders, summarize
+from dlfs_cli.sweep import MULTIRUN_FILE, STOP_FILE, SweepFolder, is_optuna, job_folders, summarize
 from dlfs_cli.tracking import CONFIG_FILE, SUMMARY_FILE, console_log_handler, log
 
 NOT_AGAIN = ("completed", "diverged")
@@ -39,6 +39,9 @@ def resume_sweep(folder: Path) -> tuple[list[Run], list[str] | None]:
     and for an Optuna study with trials still to run the command that runs them (`dlfs train` arguments:
     that sweep then summarises every job, in this process, which keeps the folder's lock for it)."""
     runlock.acquire(folder)  # one process finishes a sweep at a time
+    # a stop file left by a sweep killed while it stopped (SIGTERM, then SIGKILL) would skip every job again;
+    # the lock says no live sweep uses it
+    (folder / STOP_FILE).unlink(missing_ok=True)
     saved = optuna_sweep(folder)
     study = None
     if saved is not None:
@@ -116,20 +119,23 @@ def _command_of(folder: Path, saved: DictConfig) -> list[str]:
 def _run_again(job: Run) -> None:
     """One job: resumed in place from its last.pt, or trained from its recorded overrides."""
     from dlfs_cli.api import compose_config
-    from dlfs_cli.config import typed_config
+    from dlfs_cli.config import load_saved_config
     from dlfs_cli.resume import prepare
     from dlfs_cli.train import train
 
     log.info("resume: job %s (%s) in %s", job.job, job.status, job.path)
     try:
         if (job.path / CONFIG_FILE).is_file():  # it began: its config and last.pt say where it was
-            saved = typed_config(OmegaConf.load(job.path / CONFIG_FILE))
+            saved = load_saved_config(job.path / CONFIG_FILE)
             resumed = prepare(saved, [], job.path)
             if resumed is not None:  # None: it completed after all (its summary.json was behind)
                 cfg, state = resumed
                 train(cfg, job.path, state)
             return
-        overrides = [str(o) for o in yaml.safe_load((job.path / OVERRIDES_FILE).read_text()) or []]
+        try:
+            overrides = [str(o) for o in yaml.safe_load((job.path / OVERRIDES_FILE).read_text(encoding="utf-8")) or []]
+        except (OSError, ValueError, TypeError, yaml.YAMLError) as ex:  # ValueError: not UTF-8
+            raise DlfsError(f"cannot read {job.path / OVERRIDES_FILE}: {' '.join(str(ex).split())[:160]}") from None
         train(compose_config(*(o for o in overrides if not o.startswith("hydra."))), job.path)
     except DlfsError as ex:  # recorded in the job's summary.json by train(); the other jobs go on
         if exit_code_of(ex) != 2 and lifecycle.requested() is not None:
@@ -144,7 +150,9 @@ def _run_again(job: Run) -> None:
 def _ranking(jobs: list[Run]) -> tuple[str, str]:
     """The sweep's sweep.metric and sweep.direction, from a job's saved config (the same in every job)."""
     for job in jobs:
-        if (job.path / CONFIG_FILE).is_file():
-            ranking = (yaml.safe_load((job.path / CONFIG_FILE).read_text()) or {}).get("sweep") or {}
+        try:
+            ranking = (yaml.safe_load((job.path / CONFIG_FILE).read_text(encoding="utf-8")) or {}).get("sweep") or {}
             return str(ranking.get("metric", "val_loss")), str(ranking.get("direction", "auto"))
+        except (OSError, ValueError, AttributeError, yaml.YAMLError):  # not there, or malformed: the next job's
+            continue
     return "val_loss", "auto"

@@ -175,6 +175,7 @@ CASES = [
     # Hydra's own keys and options that would write outside the run's folder, or otherwise than dlfs says
     ("sweep-subdir-shared", ["train", "-m", "seed=1,2", "hydra.sweep.subdir=s${seed}"], 2, r"a folder of its own"),
     ("sweep-subdir-outside", ["train", "-m", "seed=1,2", "hydra.sweep.subdir=../run/${hydra.job.num}"], 2, r"'\.\.'"),
+    ("output-subdir-named", ["train", "hydra.output_subdir=meta", "optimizer.lr=-1", "hydra.run.dir=new"], 2, r"lr"),
     ("output-subdir-outside", ["train", "hydra.output_subdir=../run/.hydra"], 2, r"hydra.output_subdir=\.\./run"),
     ("experimental-rerun", ["train", "--experimental-rerun", "run/x.pickle"], 2, r"not supported.*from=RUN"),
     ("job-chdir", ["train", "hydra.job.chdir=true"], 2, r"hydra.job.chdir: dlfs never changes the working folder"),

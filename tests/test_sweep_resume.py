@@ -71,3 +71,20 @@ def test_resuming_a_sweep_takes_no_other_arguments(run_here, tmp_path: Path) -> 
     (tmp_path / "sw" / "0" / ".hydra" / "overrides.yaml").write_text("- optimizer.lr=0.1\n")
     out = run_here("train", "resume=sw", "trainer.epochs=5", cwd=tmp_path)
     assert out.returncode == 2 and "give no other arguments" in out.stderr
+
+
+def test_a_malformed_job_and_a_stale_stop_file_do_not_stop_the_others(run_here, tmp_path: Path) -> None:
+    """Job 0's config.yaml is malformed: one line says so and job 1 still runs. The .stop file that a sweep
+    killed while it stopped left behind does not skip the jobs of the resume."""
+    sweep = tmp_path / "sw"
+    for job in ("0", "1"):
+        (sweep / job / ".hydra").mkdir(parents=True)
+        (sweep / job / ".hydra" / "overrides.yaml").write_text("- optimizer.lr=0.01\n- trainer.epochs=1\n")
+        (sweep / job / "summary.json").write_text('{"status": "interrupted"}\n')
+    (sweep / "0" / "config.yaml").write_text("model: [unclosed\n")
+    (sweep / ".stop").write_text("15")
+    out = run_here("train", "resume=sw", cwd=tmp_path)
+    assert "Traceback" not in out.stderr + out.stdout, out.stderr
+    assert out.returncode == 2 and "1 of the sweep's jobs did not complete" in out.stderr, out.stderr
+    assert "cannot read" in out.stdout + out.stderr and "sw/0/config.yaml" in out.stdout + out.stderr
+    assert status(sweep / "1") == "completed" and not (sweep / ".stop").exists()
