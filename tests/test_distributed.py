@@ -8,12 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_dlfs
+from conftest import run_dlfs, wait_for
 
 from dlfs_cli.distributed import World
 from dlfs_cli.train import train
@@ -70,9 +69,7 @@ def test_sigterm_to_torchrun_stops_every_rank_with_one_checkpoint_that_resumes_a
     cmd += ["train", *CNN, "trainer.epochs=1000", "hydra.run.dir=run"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     metrics = tmp_path / "run" / "metrics.csv"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 3):
-        time.sleep(0.2)
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) > 3, proc)  # the ranks train
     proc.send_signal(signal.SIGTERM)  # to torchrun only, as a scheduler would: it passes it to the ranks
     _, err = proc.communicate(timeout=120)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -11,11 +11,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import SMOKE, run_dlfs
+from conftest import SMOKE, run_dlfs, wait_for
 
 from dlfs_cli import cli, lifecycle
 from dlfs_cli.runs import list_runs
@@ -151,9 +150,7 @@ def test_ctrl_c_stops_the_sweep_and_keeps_what_ran(tmp_path: Path) -> None:
     cmd += ["hydra.sweep.dir=sweep", "figures.enabled=false"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     metrics = tmp_path / "sweep" / "0" / "metrics.csv"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 3):
-        time.sleep(0.1)
+    wait_for(lambda: metrics.exists() and len(metrics.read_text().splitlines()) > 3, proc)  # job 0 trains
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
