@@ -213,8 +213,10 @@ def _generate_app(cfg: DictConfig) -> None:
             raise DlfsError("dlfs generate needs a run folder: dlfs generate run=outputs/lstm_charmodel/<timestamp>")
         check_numbers(cfg)
         check_seed("seed", cfg.seed)
-        if cfg.length < 0:
-            raise DlfsError(f"invalid value for length: {cfg.length} (must be >= 0)")
+        from dlfs_cli.generate import LENGTH_MAX  # torch: loaded for the model anyway
+
+        if not 0 <= cfg.length <= LENGTH_MAX:  # before the checkpoint loads
+            raise DlfsError(f"invalid value for length: {cfg.length} (must be between 0 and {LENGTH_MAX})")
         if cfg.temperature < 0:
             raise DlfsError(f"invalid value for temperature: {cfg.temperature} (must be >= 0; near 0 is greedy)")
         check_device(cfg.device)

@@ -133,6 +133,9 @@ def reproduce(cfg: DictConfig, out: Path) -> int:
         unknown = [name for name in cfg.only if name not in known]
         if unknown:
             raise DlfsError(f"only: unknown experiment {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        twice = sorted({name for name in cfg.only if list(cfg.only).count(name) > 1})
+        if twice:  # each experiment runs once: a repeat would say more than it does
+            raise DlfsError(f"only: {', '.join(twice)} given more than once; each experiment runs once")
         targets = [t for t in targets if t.experiment in cfg.only]
     if not cfg.seeds:
         raise DlfsError("seeds: give at least one seed, e.g. seeds=[0]")

@@ -223,6 +223,8 @@ CASES = [
     # --- dlfs reproduce
     ("reproduce-only", ["reproduce", "quick=true", "only=[nope]"], 2, r"only: unknown experiment nope"),
     ("reproduce-seeds", ["reproduce", "quick=true", "seeds=[]"], 2, r"seeds: give at least one seed"),
+    ("reproduce-only-twice", ["reproduce", "quick=true", "only=[book_boston,book_boston]"], 2, r"more than once"),
+    ("generate-length-long", ["generate", "run=nowhere", "length=3000000000"], 2, r"length: 3000000000 \(must be"),
     ("reproduce-device", ["reproduce", "device=gpu"], 2, r"invalid value for device"),
     ("reproduce-added-key", ["reproduce", "quick=true", "++foo=2"], 2, r"unknown key 'foo'"),
     ("reproduce-existing", ["reproduce", "quick=true", "hydra.run.dir=repro"], 2, r"already holds a reproduction"),
