@@ -214,7 +214,9 @@ class _Console:
         self.gone = False
 
     def _lost(self, ex: OSError) -> None:
-        if ex.errno not in _GONE and not isinstance(ex, BrokenPipeError):
+        if ex.errno not in _GONE and not isinstance(ex, BrokenPipeError):  # a real error (a full disk): said
+            if ex.filename is None:
+                ex.filename = getattr(self._stream, "name", None)  # "<stdout>": the error line names it
             raise ex
         self.gone = True
         try:

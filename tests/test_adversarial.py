@@ -11,6 +11,8 @@ import hashlib
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -308,3 +310,13 @@ def test_a_refused_run_outside_the_working_folder_leaves_no_folder(
     result = dlfs("train", f"hydra.run.dir={outside}/a/b", "model.hidden_size=0")
     assert_one_line_error(result, 2, r"model.hidden_size: 0")
     assert list(outside.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_full_disk_behind_stdout_is_one_line_naming_it(world: Path) -> None:
+    """`dlfs runs > file` on a full disk: the listing is lost, so it is an error (exit 2), said in one line
+    that names what could not be written."""
+    out = subprocess.run(
+        ["bash", "-c", f"{sys.executable} -m dlfs_cli runs . > /dev/full"], cwd=world, capture_output=True, text=True
+    )
+    assert_one_line_error(Result(out.returncode, out.stdout, out.stderr), 2, r"cannot use <stdout>: the disk is full")
