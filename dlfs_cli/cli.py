@@ -186,19 +186,16 @@ class UserError(SystemExit):
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
 @_one_line_task
 def _eval_app(cfg: DictConfig) -> None:
-    try:
-        reject_unknown_keys(cfg)  # a +key=value, which nothing would read
-        if OmegaConf.is_missing(cfg, "run"):
-            raise DlfsError("dlfs eval needs a run folder: dlfs eval run=outputs/<model>/<timestamp>")
-        check_numbers(cfg)
-        if cfg.device is not None:
-            check_device(cfg.device)
-        _note_if_being_written(Path(cfg.run))
-        from dlfs_cli.evaluate import run_eval
+    reject_unknown_keys(cfg)  # a +key=value, which nothing would read
+    if OmegaConf.is_missing(cfg, "run"):
+        raise DlfsError("dlfs eval needs a run folder: dlfs eval run=outputs/<model>/<timestamp>")
+    check_numbers(cfg)
+    if cfg.device is not None:
+        check_device(cfg.device)
+    _note_if_being_written(Path(cfg.run))
+    from dlfs_cli.evaluate import run_eval
 
-        run_eval(cfg.run, cfg.checkpoint.value, cfg.device)
-    except DlfsError as ex:
-        raise UserError(str(ex)) from None
+    run_eval(cfg.run, cfg.checkpoint.value, cfg.device)
 
 
 # --- generate --------------------------------------------------------------------------------
@@ -207,28 +204,23 @@ def _eval_app(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="generate")
 @_one_line_task
 def _generate_app(cfg: DictConfig) -> None:
-    try:
-        reject_unknown_keys(cfg)  # a +key=value, which nothing would read
-        if OmegaConf.is_missing(cfg, "run"):
-            raise DlfsError("dlfs generate needs a run folder: dlfs generate run=outputs/lstm_charmodel/<timestamp>")
-        check_numbers(cfg)
-        check_seed("seed", cfg.seed)
-        from dlfs_cli.generate import LENGTH_MAX  # torch: loaded for the model anyway
+    reject_unknown_keys(cfg)  # a +key=value, which nothing would read
+    if OmegaConf.is_missing(cfg, "run"):
+        raise DlfsError("dlfs generate needs a run folder: dlfs generate run=outputs/lstm_charmodel/<timestamp>")
+    check_numbers(cfg)
+    check_seed("seed", cfg.seed)
+    from dlfs_cli.generate import check_length, load_char_model, sample  # torch: loaded for the model anyway
 
-        if not 0 <= cfg.length <= LENGTH_MAX:  # before the checkpoint loads
-            raise DlfsError(f"invalid value for length: {cfg.length} (must be between 0 and {LENGTH_MAX})")
-        if cfg.temperature < 0:
-            raise DlfsError(f"invalid value for temperature: {cfg.temperature} (must be >= 0; near 0 is greedy)")
-        check_device(cfg.device)
-        from dlfs_cli.distributed import resolve_device
-        from dlfs_cli.generate import load_char_model, sample
+    check_length(cfg.length)  # before the checkpoint loads
+    if cfg.temperature < 0:
+        raise DlfsError(f"invalid value for temperature: {cfg.temperature} (must be >= 0; near 0 is greedy)")
+    check_device(cfg.device)
+    from dlfs_cli.distributed import resolve_device
 
-        device = resolve_device(cfg.device)
-        _note_if_being_written(Path(cfg.run))
-        model, vocab = load_char_model(Path(cfg.run).expanduser(), cfg.checkpoint.value, device)
-        print(sample(model, vocab, cfg.prime, cfg.length, cfg.temperature, cfg.seed, device))
-    except DlfsError as ex:
-        raise UserError(str(ex)) from None
+    device = resolve_device(cfg.device)
+    _note_if_being_written(Path(cfg.run))
+    model, vocab = load_char_model(Path(cfg.run).expanduser(), cfg.checkpoint.value, device)
+    print(sample(model, vocab, cfg.prime, cfg.length, cfg.temperature, cfg.seed, device))
 
 
 def _note_if_being_written(run: Path) -> None:
@@ -667,7 +659,7 @@ def _main(argv: list[str] | None) -> None:
     run(rest)
     code = lifecycle.exit_code()
     if code is not None:  # a stop asked for after the last step of the last run (its summary is written)
-        print(f"dlfs: stopped by a signal (exit {code}); everything was saved", file=sys.stderr)
+        lifecycle.say_stopped(code)
         sys.exit(code)
 
 
@@ -757,14 +749,15 @@ def _check_hydra_key(key: str, value: str) -> None:
         _fail("hydra.mode: for a sweep use -m, e.g. dlfs train -m seed=1,2,3")
     if key == "hydra.job.chdir" and value.lower() != "false":
         _fail("hydra.job.chdir: dlfs never changes the working folder (relative paths are read from where you run it)")
-    # Hydra writes a job's .hydra/ files before any check of the job's own: a subdir that two jobs resolve
-    # alike, or that leads out of the sweep's folder, would write over another run's
-    per_job = any(f"${{hydra{sep}job.{k}" in value for sep in ".:" for k in ("num", "id", "override_dirname"))
-    if key == "hydra.sweep.subdir" and (not per_job or ".." in Path(value).parts or Path(value).is_absolute()):
-        _fail(
-            f"hydra.sweep.subdir={value}: each job needs a folder of its own inside hydra.sweep.dir; "
-            "include ${hydra.job.num} (the default), ${hydra.job.id} or ${hydra.job.override_dirname}, without '..'"
-        )
+    if key == "hydra.sweep.subdir":
+        # Hydra writes a job's .hydra/ files before any check of the job's own: a subdir that two jobs resolve
+        # alike, or that leads out of the sweep's folder, would write over another run's
+        per_job = any(f"${{hydra{sep}job.{k}" in value for sep in ".:" for k in ("num", "id", "override_dirname"))
+        if not per_job or ".." in Path(value).parts or Path(value).is_absolute():
+            _fail(
+                f"hydra.sweep.subdir={value}: each job needs a folder of its own inside hydra.sweep.dir; "
+                "include ${hydra.job.num} (the default), ${hydra.job.id} or ${hydra.job.override_dirname}, without '..'"
+            )
     if key == "hydra.output_subdir" and value != "null" and (Path(value).is_absolute() or ".." in Path(value).parts):
         _fail(f"hydra.output_subdir={value}: a folder inside the run's own (default .hydra), or null for none")
 

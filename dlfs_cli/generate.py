@@ -19,6 +19,11 @@ GREEDY_BELOW = 1e-3  # a temperature this small means: always the likeliest char
 LENGTH_MAX = 10**7
 
 
+def check_length(length: int) -> None:
+    if not 0 <= length <= LENGTH_MAX:
+        raise DlfsError(f"invalid value for length: {length} (must be between 0 and {LENGTH_MAX})")
+
+
 @torch.inference_mode()
 def sample(
     model: torch.nn.Module,
@@ -30,8 +35,7 @@ def sample(
     device: torch.device,
 ) -> str:
     """`prime` followed by `length` sampled characters; the same seed gives the same text."""
-    if not 0 <= length <= LENGTH_MAX:
-        raise DlfsError(f"invalid value for length: {length} (must be between 0 and {LENGTH_MAX})")
+    check_length(length)
     if prime is None or prime == "":
         prime = "\n" if "\n" in vocab else vocab[0]
     unknown = sorted(set(prime) - set(vocab))

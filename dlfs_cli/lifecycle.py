@@ -146,16 +146,21 @@ def exit_process(code: int) -> NoReturn:
     finally:
         if _requested is not None and code == 0:  # asked for after the command's own last check
             code = 128 + _requested
-            print(f"dlfs: stopped by a signal (exit {code}); everything was saved", file=sys.stderr)
+            say_stopped(code)
         _flush_console()
         os._exit(code)
 
 
 def _handle_at_exit(signum: int, frame: object) -> None:
     if _requested is None:  # the first: said as the command's end says it; a second aborts without a word
-        print(f"dlfs: stopped by a signal (exit {128 + signum}); everything was saved", file=sys.stderr)
+        say_stopped(128 + signum)
     _flush_console()
     os._exit(128 + signum)
+
+
+def say_stopped(code: int) -> None:
+    """The line of a command stopped by a signal after everything was done and saved."""
+    print(f"dlfs: stopped by a signal (exit {code}); everything was saved", file=sys.stderr)
 
 
 def _flush_console() -> None:

@@ -209,6 +209,7 @@ CASES = [
     # --- dlfs generate
     ("generate-no-run", ["generate"], 2, r"dlfs generate needs a run folder"),
     ("generate-length", ["generate", "run=run", "length=-1"], 2, r"invalid value for length: -1"),
+    ("generate-length-long", ["generate", "run=nowhere", "length=3000000000"], 2, r"length: 3000000000 \(must be"),
     ("generate-length-huge", ["generate", "run=run", "length=99999999999999999999"], 2, r"length: .*64-bit"),
     ("generate-temperature", ["generate", "run=run", "temperature=-1"], 2, r"invalid value for temperature"),
     ("generate-temperature-nan", ["generate", "run=run", "temperature=nan"], 2, r"temperature: nan \(must be a finite"),
@@ -226,7 +227,6 @@ CASES = [
     ("reproduce-only", ["reproduce", "quick=true", "only=[nope]"], 2, r"only: unknown experiment nope"),
     ("reproduce-seeds", ["reproduce", "quick=true", "seeds=[]"], 2, r"seeds: give at least one seed"),
     ("reproduce-only-twice", ["reproduce", "quick=true", "only=[book_boston,book_boston]"], 2, r"more than once"),
-    ("generate-length-long", ["generate", "run=nowhere", "length=3000000000"], 2, r"length: 3000000000 \(must be"),
     ("reproduce-device", ["reproduce", "device=gpu"], 2, r"invalid value for device"),
     ("reproduce-added-key", ["reproduce", "quick=true", "++foo=2"], 2, r"unknown key 'foo'"),
     ("reproduce-existing", ["reproduce", "quick=true", "hydra.run.dir=repro"], 2, r"already holds a reproduction"),

@@ -93,15 +93,12 @@ def test_a_signal_during_set_up(dlfs, process_handlers, tmp_path: Path, monkeypa
     assert done["epochs_completed"] == 2 and (run / "figures" / "loss_curves.png").exists()
 
 
+def at_step_4(trainer: Trainer, *args) -> bool:
+    return trainer.step == 4
+
+
 def test_a_signal_during_training(dlfs, process_handlers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    original = Trainer._after_step
-
-    def after_step(self, *args):
-        if self.step == 4:
-            signal.raise_signal(signal.SIGINT)
-        original(self, *args)
-
-    monkeypatch.setattr(Trainer, "_after_step", after_step)
+    monkeypatch.setattr(Trainer, "_after_step", raising(signal.SIGINT, Trainer._after_step, at_step_4))
     run = tmp_path / "run"
     run_interrupted_then_resumed(dlfs, process_handlers, run, QUICK, 130, "in epoch 2 after batch 1 (step 4)")
     monkeypatch.undo()
@@ -196,14 +193,7 @@ def test_a_second_signal_while_the_stop_is_recorded_leaves_the_run_interrupted(
 ) -> None:
     """The second signal lands while the first one's stop is being written down: it aborts once that is
     done (it left status "failed" when it cut the record short)."""
-    original = Trainer._after_step
-
-    def after_step(self, *args):
-        if self.step == 4:
-            signal.raise_signal(signal.SIGINT)
-        original(self, *args)
-
-    monkeypatch.setattr(Trainer, "_after_step", after_step)
+    monkeypatch.setattr(Trainer, "_after_step", raising(signal.SIGINT, Trainer._after_step, at_step_4))
     record = dlfs_cli.train._record_failure
     monkeypatch.setattr(dlfs_cli.train, "_record_failure", raising(signal.SIGTERM, record))
     run = tmp_path / "run"
