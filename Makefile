@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-dlfs
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow test-gpu lint reproduce bench clean
+.PHONY: help install train test test-python test-slow test-gpu lint reproduce bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -28,6 +28,14 @@ train: install ## run `dlfs train` (the embedded default: Boston housing MLP)
 test: install ## the fast offline tests, on every core (pytest-xdist)
 	$(BIN)/python -m pytest -q -n auto --dist loadgroup $(ARGS)
 
+# pyenv's interpreters (where pyenv is installed) go on PATH for tox: its shims find only the selected version
+PYENV_BINS := $(wildcard $(or $(PYENV_ROOT),$(HOME)/.pyenv)/versions/3.1[0-3].*/bin)
+empty :=
+space := $(empty) $(empty)
+
+test-python: install ## the fast tests on Python 3.10, 3.11, 3.12 and 3.13, each found (tox; a fresh venv each)
+	PATH="$(subst $(space),:,$(PYENV_BINS))$(if $(PYENV_BINS),:)$$PATH" $(BIN)/tox run $(if $(ARGS),-- $(ARGS))
+
 test-slow: install ## the slow tests only
 	$(BIN)/python -m pytest -q -m slow $(ARGS)
 
@@ -46,4 +54,4 @@ lint: install ## ruff + mypy
 	$(BIN)/mypy
 
 clean: ## remove the virtual environment and caches (runs in outputs/ are kept)
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) .tox build *.egg-info .pytest_cache .ruff_cache .mypy_cache

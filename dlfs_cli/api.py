@@ -28,6 +28,7 @@ from dlfs_cli.config import conf_dir, register_configs, typed_config, validate
 from dlfs_cli.errors import DlfsError
 from dlfs_cli.runs import find_runs
 from dlfs_cli.summary import Summary
+from dlfs_cli.system import check_system
 from dlfs_cli.tracking import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 
 if TYPE_CHECKING:
@@ -81,6 +82,7 @@ def compose_config(*overrides: str) -> DictConfig:
 def train(*overrides: str, run_dir: str | Path | None = None, progress: bool = False) -> Run:
     """Train as `dlfs train OVERRIDES` does, into `run_dir` (default: outputs/<model>/<timestamp>, or under
     $DLFS_OUTPUTS), a new or empty folder; returns the run, read back. progress: a live progress bar."""
+    check_system()
     from dlfs_cli import runlock
     from dlfs_cli.train import train as train_run  # torch: only when something trains
 

@@ -32,6 +32,7 @@ from dlfs_cli.config import (
     validate,
 )
 from dlfs_cli.errors import DlfsError, exit_code_of, os_error_message
+from dlfs_cli.system import check_system
 
 if TYPE_CHECKING:
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -649,6 +650,10 @@ def _main(argv: list[str] | None) -> None:
         print(f"dlfs {__version__}")
         return
     command, rest = args[0], args[1:]
+    try:
+        check_system()
+    except DlfsError as ex:
+        _fail(str(ex))
     if command in ("-sc", "--shell-completion") and rest[:1] and rest[0].startswith("query="):
         command, rest = "completion", ["query"]  # Hydra's completion, installed with dlfs train -sc install=...
     if command not in COMMANDS:

@@ -14,7 +14,8 @@ LOCAL_RANK and WORLD_SIZE by environment variables. They train one model togethe
   step; held-out metrics are summed over the ranks' shards of the test split.
 
 The process group carries CPU tensors over gloo and CUDA tensors over NCCL ("cpu:gloo,cuda:nccl"),
-so the per-step stop flag never waits for the GPU. With one process every collective is a no-op.
+so the stop flag (agreed on every log_every steps) never waits for the GPU. With one process every
+collective is a no-op.
 
 Also here, for every command that runs a model (train, eval, generate): the device, the seeds, and
 the process-wide numeric switches (determinism, TF32).
@@ -23,8 +24,10 @@ the process-wide numeric switches (determinism, TF32).
 from __future__ import annotations
 
 import atexit
+import hashlib
 import os
 import random
+import socket
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -80,8 +83,9 @@ class World:
         return [int(v) for v in t.tolist()]
 
     def any_stop(self, signum: int | None) -> int | None:
-        """After every step: a stop (a signal's number) asked of any rank stops every rank at this same
-        step; a rank stopping alone would leave the others waiting in the next gradient exchange."""
+        """At the steps the ranks agree on (trainer.agreement_due): a stop (a signal's number) asked of any rank
+        stops every rank at this same step; a rank stopping alone would leave the others waiting in the next
+        gradient exchange."""
         if not self.distributed:
             return signum
         return self.max_ints([signum or 0])[0] or None
@@ -124,8 +128,9 @@ def world() -> World:
         return World()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        gpu = local_gpu(local_rank, torch.cuda.device_count()) if torch.cuda.is_available() else None
+        if gpu is not None:
+            torch.cuda.set_device(gpu)
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
         atexit.register(_leave)  # a run that fails never reaches finish()
@@ -220,6 +225,24 @@ def check_bf16(device: torch.device, fix: str = "use trainer.precision=fp32") ->
         )
 
 
+def check_compile() -> None:
+    """trainer.compile=true: torch.compile's inductor builds its kernels with a C++ compiler (g++, or $CXX;
+    clang++ on a Mac), which it looks for only at the first step, ending the run there with a long
+    traceback where there is none. Looked for here, as inductor does, before anything runs."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # a torch without this function (its module moved): inductor will say it itself
+        return
+    try:
+        get_cpp_compiler()
+    except Exception as ex:  # torch._inductor.exc.InvalidCxxCompiler, or what another release raises
+        first = (str(ex).strip().splitlines() or [type(ex).__name__])[0][:200]
+        raise DlfsError(
+            f"trainer.compile=true: torch.compile found no C++ compiler to build its kernels ({first}); "
+            "install one (g++, or name it in $CXX) or leave trainer.compile=false"
+        ) from None
+
+
 def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     """auto picks CUDA, then MPS, then the CPU; asking for one that is not there is an error.
     Under torchrun, `cuda` (or auto) is the local rank's GPU; without CUDA the ranks talk over gloo,
@@ -232,12 +255,14 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     if local_rank is not None and name.startswith("cuda") and name != "cuda":
         raise DlfsError(f"device={name}: under torchrun each rank takes its own GPU; use device=cuda or device=auto")
     if local_rank is not None and (name == "cuda" or (name == "auto" and torch.cuda.is_available())):
-        if torch.cuda.is_available() and local_rank >= torch.cuda.device_count():
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        gpu = local_gpu(local_rank, visible)
+        if visible and gpu is None:
             raise DlfsError(
-                f"local rank {local_rank} has no GPU of its own: this machine has {torch.cuda.device_count()}; "
+                f"local rank {local_rank} has no GPU of its own: this process sees {visible}; "
                 "start at most that many processes per machine (trainer.nproc, --nproc_per_node)"
             )
-        name = f"cuda:{local_rank}"
+        name = f"cuda:{gpu if gpu is not None else local_rank}"
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -253,6 +278,40 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise DlfsError("device=mps: MPS (Apple GPU) is not available on this machine; use device=cpu or device=auto")
     return torch.device(name)
+
+
+def local_gpu(local_rank: int, visible: int) -> int | None:
+    """The GPU (an index among the `visible` ones) of the process with this local rank, None if it has none.
+    Its local rank, as torchrun numbers the processes it starts on a machine, or the one GPU it sees where it
+    sees one: a scheduler that binds a GPU to each task (SLURM's `srun --gpus-per-task=1`) shows each
+    process only its own, as GPU 0, whatever its local rank. Two ranks on one GPU are refused by
+    check_distinct_gpus once the ranks can talk."""
+    if local_rank < visible:
+        return local_rank
+    return 0 if visible == 1 else None
+
+
+def gpu_identity(device: torch.device) -> tuple[str, int]:
+    """This machine and GPU: a name, and a 56-bit number of it that a host tensor can carry."""
+    props = torch.cuda.get_device_properties(device)
+    name = f"{socket.gethostname()}/{getattr(props, 'uuid', device.index)}"
+    return name, int.from_bytes(hashlib.sha1(name.encode()).digest()[:7], "big")
+
+
+def check_distinct_gpus(device: torch.device) -> None:
+    """Under torchrun on CUDA: every rank on a GPU of its own. A process that sees one GPU takes it
+    (local_gpu), and if two such processes see the same one, NCCL would fail at the first exchange with a
+    traceback per rank. Each rank's machine and GPU, gathered over gloo (host tensors)."""
+    name, number = gpu_identity(device)
+    mine = torch.tensor([number], dtype=torch.int64)
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    ranks = [rank for rank, other in enumerate(every) if int(other) == number]
+    if len(ranks) > 1:
+        raise DlfsError(
+            f"ranks {', '.join(map(str, ranks))} were given the same GPU ({name}): each rank needs a GPU of its "
+            "own; start at most one process per GPU (trainer.nproc, --nproc_per_node, srun --gpus-per-task=1)"
+        )
 
 
 def sweep_device(device: torch.device) -> torch.device:

@@ -8,6 +8,7 @@ mode for good).
 
 from __future__ import annotations
 
+import functools
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -82,11 +83,31 @@ class ConvLayer(nn.Module):
 LSTMState = tuple[Tensor, Tensor]
 
 
+@functools.cache
+def cpu_has_bf16_lstm() -> bool:
+    """Whether this CPU trains an LSTM under bfloat16 autocast. oneDNN has a bfloat16 LSTM only where the CPU
+    has AVX-512 (or more): on an AVX2-only CPU, and so on many laptops and servers, the LSTM raised "could not
+    create a primitive descriptor" at the first step. Asked once, with a one-step LSTM trained as a run would
+    train it, under a forked generator so that asking draws none of the run's random numbers."""
+    try:
+        with torch.random.fork_rng(devices=[]), torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = nn.LSTM(1, 1)(torch.zeros(1, 1, 1))
+            out.float().sum().backward()
+    except RuntimeError:
+        return False
+    return True
+
+
 def lstm_precision(x: Tensor) -> AbstractContextManager:
     """On CUDA the LSTM runs in float32 outside autocast: CUDA autocast runs cuDNN's LSTM in float16
     whatever autocast's dtype (bf16 asked), and dlfs has no gradient scaler for float16's small gradients.
-    The CPU keeps autocast's own choice (bfloat16 under trainer.precision=bf16)."""
-    return torch.autocast("cuda", enabled=False) if x.is_cuda else nullcontext()
+    The CPU keeps autocast's own choice (bfloat16 under trainer.precision=bf16) where it has a bfloat16
+    LSTM, and float32 where it has none (cpu_has_bf16_lstm): the layers around it stay under autocast."""
+    if x.is_cuda:
+        return torch.autocast("cuda", enabled=False)
+    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not cpu_has_bf16_lstm():
+        return torch.autocast("cpu", enabled=False)
+    return nullcontext()
 
 
 class LSTMLayer(nn.Module):

@@ -32,7 +32,8 @@ from dlfs_cli.errors import DlfsError
 
 log = logging.getLogger("dlfs")
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Windows has no SIGHUP (dlfs refuses Windows in one line, system.py, after these imports)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 _requested: int | None = None  # the first stop asked of this process (a signal, or the sweep's process)
 _received = False  # a stop signal was delivered to this process itself: the next one aborts

@@ -15,7 +15,6 @@ No torch here: the check runs before a run's ~2 s of imports.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
@@ -30,6 +29,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from dlfs_cli.errors import DlfsError, os_error_message
+
+if sys.platform != "win32":  # native Windows has no flock; dlfs refuses it in one line (system.py)
+    import fcntl
 
 LOCK_FILE = ".dlfs.lock"
 # trainer.nproc=N: the parent holds the run's lock and hands the folder to the ranks it starts
@@ -56,7 +58,8 @@ def _forget_in_child() -> None:
     _held.clear()
 
 
-os.register_at_fork(after_in_child=_forget_in_child)
+if hasattr(os, "register_at_fork"):  # not on Windows (system.py)
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 class Busy(DlfsError):

@@ -21,6 +21,7 @@ from dlfs_cli.config import validate
 from dlfs_cli.data import DataBundle, DataInfo, build_data
 from dlfs_cli.distributed import World
 from dlfs_cli.errors import DlfsError, exit_code_of, os_error_message
+from dlfs_cli.layers import cpu_has_bf16_lstm
 from dlfs_cli.models import RECONSTRUCTS, build_model
 from dlfs_cli.tracking import RunFolder, log, phase, print_config_tree, versions
 from dlfs_cli.trainer import Diverged, Trainer, metric_names
@@ -59,6 +60,10 @@ def train(
         # Everything above can refuse the config; only now does the run folder get its files.
         start = time.time()
         run = _open_run(cfg, run_dir, state, device, world, model, data.info, live)
+        if cfg.trainer.precision == "bf16" and device.type == "cpu" and _has_lstm(model) and not cpu_has_bf16_lstm():
+            log.info(
+                "this CPU has no bfloat16 LSTM (oneDNN's needs AVX-512): the LSTM runs in float32, the rest in bf16"
+            )
         if from_run is not None:
             run.update_summary(from_run=str(from_run))
         trainer = Trainer(trained, optimizer, scheduler, cfg.trainer, cfg.loss.name, device, run, identity, world)
@@ -107,8 +112,12 @@ def _set_up(cfg: DictConfig, threads: int | None) -> tuple[World, torch.device]:
     device = distributed.sweep_device(
         distributed.resolve_device(cfg.device, world.local_rank if world.distributed else None)
     )
+    if world.distributed and device.type == "cuda":
+        distributed.check_distinct_gpus(device)
     if t.precision == "bf16":
         distributed.check_bf16(device)
+    if t.compile:
+        distributed.check_compile()
     distributed.set_kernels(t, device)
     # The data order's generator takes the seed itself (the same order on every rank); the global
     # generators (dropout) differ by rank. Rank 0's are a single process's, and its initial weights
@@ -138,6 +147,10 @@ def _build_model(
         # returning a Callable; given a Module it returns one (an OptimizedModule)
         trained = cast(torch.nn.Module, torch.compile(trained))
     return model, trained
+
+
+def _has_lstm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.LSTM) for m in model.modules())
 
 
 def _open_run(

@@ -245,6 +245,11 @@ class RunningLoss:
             self.epoch_n, self.window_n = int(sums["epoch_n"]), int(sums["window_n"])
 
 
+def agreement_due(step: int, log_every: int, epoch_end: bool) -> bool:
+    """Whether the ranks agree on a stop after this step (the same steps on every rank)."""
+    return step % log_every == 0 or epoch_end
+
+
 class Trainer:
     """Trains a model epoch by epoch, records metrics, and saves full-state checkpoints from which a run
     continues exactly: `state_dict` / `load_state_dict` are the checkpoint's only writer and reader."""
@@ -394,9 +399,13 @@ class Trainer:
 
     def _after_step(self, epoch: int, epoch_end: bool, progress: ProgressDisplay) -> None:
         """What may follow a step: a row of metrics.csv, a mid-epoch checkpoint, a stop, the progress bar."""
-        # under torchrun only a stop that every rank agreed on counts (a signal can land on one rank at
-        # any moment); a single process acts on its own at once
-        stop = self.world.any_stop(self.stop_signal)
+        # A single process acts on a stop at once. Under torchrun only a stop that every rank agreed on counts
+        # (a signal can land on one rank at any moment), and the ranks agree only at steps they all reach
+        # together, every log_every steps and at each epoch's end: an agreement at every step held each step
+        # to a host round trip with every rank in lock-step. A stop waits at most log_every steps.
+        stop = self.stop_signal
+        if self.world.distributed:
+            stop = self.world.any_stop(stop) if agreement_due(self.step, self.cfg.log_every, epoch_end) else None
         if self.step % self.cfg.log_every == 0:
             self._record_train(epoch)
         every = self.cfg.checkpoint_every

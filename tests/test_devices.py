@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 import warnings
@@ -24,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader
 
-from dlfs_cli import distributed, sweep
+from dlfs_cli import distributed, layers, sweep
 from dlfs_cli import train as train_module
 from dlfs_cli import trainer as trainer_module
 from dlfs_cli.checkpoint import capture_rng, restore_rng
@@ -33,10 +34,10 @@ from dlfs_cli.data import boston, build_data
 from dlfs_cli.data.text import BookBatches
 from dlfs_cli.distributed import SINGLE, World
 from dlfs_cli.errors import DlfsError
-from dlfs_cli.layers import LSTMLayer
+from dlfs_cli.layers import LSTMLayer, cpu_has_bf16_lstm
 from dlfs_cli.tracking import ProgressDisplay, RunFolder
 from dlfs_cli.trainer import PENDING_STEPS, RunningLoss, Trainer, evaluate, sum_dtype
-from tests.conftest import SMOKE
+from tests.conftest import SMOKE, run_dlfs
 
 META = torch.device("meta")
 
@@ -272,6 +273,54 @@ def test_several_processes_on_a_mac_run_on_the_cpu(monkeypatch: pytest.MonkeyPat
     assert distributed.resolve_device("mps") == torch.device("mps")
 
 
+def test_a_rank_that_sees_one_gpu_takes_it_whatever_its_local_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`srun --gpus-per-task=1`: SLURM shows each task only its own GPU, as GPU 0, and local ranks 1, 2, ...
+    were refused ("no GPU of its own") while world() had already bound them to GPU 0 (local rank mod count).
+    A process that sees several GPUs takes its local rank's, and one beyond them is still refused."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for local_rank in (0, 1, 3):
+        assert distributed.resolve_device("cuda", local_rank=local_rank) == torch.device("cuda:0")
+        assert distributed.resolve_device("auto", local_rank=local_rank) == torch.device("cuda:0")
+    bound: list[int] = []  # world() binds the process's current GPU to the same one
+    monkeypatch.setattr(torch.cuda, "set_device", bound.append)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: None)
+    monkeypatch.setattr(distributed.atexit, "register", lambda f: None)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert distributed.world() == World(3, 4, 3) and bound == [0]
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert distributed.resolve_device("cuda", local_rank=2) == torch.device("cuda:2")
+    with pytest.raises(DlfsError, match=r"^local rank 5 has no GPU of its own: this process sees 4; start at most"):
+        distributed.resolve_device("cuda", local_rank=5)
+
+
+def test_two_ranks_on_one_gpu_are_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process that sees one GPU takes it: two on a one-GPU machine would share it, which NCCL refuses with a
+    traceback per rank at the first exchange. The ranks compare their machine and GPU first (over gloo)."""
+    gpu = torch.device("cuda:0")
+
+    def on(uuid: str) -> int:  # what a rank on that GPU of this machine sends
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(uuid=uuid))
+        return distributed.gpu_identity(gpu)[1]
+
+    others = [on("GPU-bb"), on("GPU-aa")]  # ranks 1 and 2; this process is rank 0, on GPU-aa
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 3)
+    monkeypatch.setattr(
+        distributed.dist,
+        "all_gather",
+        lambda every, mine: [t.fill_(v) for t, v in zip(every, [int(mine), *others], strict=True)],
+    )
+    with pytest.raises(DlfsError, match=r"^ranks 0, 2 were given the same GPU \(.*/GPU-aa\): each rank needs a GPU"):
+        distributed.check_distinct_gpus(gpu)
+    others = [on("GPU-bb"), on("GPU-cc")]
+    on("GPU-aa")
+    distributed.check_distinct_gpus(gpu)  # three GPUs: nothing to say
+
+
 def test_bf16_on_mps_before_macos_14_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     """torch >= 2.6 has the autocast, but Apple's MPS has bfloat16 only from macOS 14 (torch finds out at the
     first operation)."""
@@ -440,9 +489,46 @@ def test_under_cuda_autocast_the_lstm_runs_in_float32_and_its_dense_layer_in_bf1
         torch.set_autocast_dtype("cuda", before[1])
     assert seen == {"lstm": (False, False, torch.float32), "fc": (True, False, torch.float32)}
     assert out.shape == (2, 5, 2) and h.dtype == c.dtype == torch.float32
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # the CPU keeps autocast's choice, as before: a bf16 LSTM
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the CPU keeps autocast's choice where it has a bf16 LSTM
         layer(torch.zeros(2, 5, 4))
-    assert seen == {"lstm": (False, True, torch.float32), "fc": (False, True, torch.bfloat16)}
+    bf16 = cpu_has_bf16_lstm()  # where the CPU has none, the LSTM runs in float32 (the next test)
+    lstm_out = torch.bfloat16 if bf16 else torch.float32
+    assert seen == {"lstm": (False, bf16, torch.float32), "fc": (False, True, lstm_out)}
+
+
+def test_a_cpu_without_a_bf16_lstm_runs_the_lstm_in_float32_and_the_rest_in_bf16(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """oneDNN's bfloat16 LSTM needs AVX-512: on an AVX2-only CPU it raised at the first step of every
+    trainer.precision=bf16 run of the LSTM. There the LSTM leaves autocast; the dense layer after it stays."""
+    monkeypatch.setattr(layers, "cpu_has_bf16_lstm", lambda: False)
+    layer = LSTMLayer(4, 3, 2)
+    seen: dict[str, tuple[bool, torch.dtype]] = {}
+    for name in ("lstm", "fc"):
+        getattr(layer, name).register_forward_hook(
+            lambda m, args, out, name=name: seen.update({name: (torch.is_autocast_enabled("cpu"), args[0].dtype)})
+        )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, (h, c) = layer(torch.zeros(2, 5, 4))
+    assert seen == {"lstm": (False, torch.float32), "fc": (True, torch.float32)}
+    assert out.dtype == torch.bfloat16 and h.dtype == c.dtype == torch.float32  # the LSTM's own output: float32
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="ONEDNN_MAX_CPU_ISA caps x86 CPUs only")
+def test_bf16_lstm_training_on_a_cpu_capped_at_avx2(tmp_path: Path) -> None:
+    """The whole command on a CPU without oneDNN's bfloat16 LSTM, whatever CPU runs the test: oneDNN's
+    ONEDNN_MAX_CPU_ISA=AVX2 makes it use AVX2 alone (it reproduced the failure of issue 24). It trains, says
+    why the LSTM is in float32, and the probe asked for it drew none of the run's random numbers."""
+    args = ["train", "model=lstm_charmodel", "model.hidden_size=8", "data.sequence_length=5", "trainer.epochs=1"]
+    args += ["trainer.limit_batches=3", "trainer.precision=bf16", "device=cpu", "figures.enabled=false"]
+    out = run_dlfs(*args, "hydra.run.dir=run", cwd=tmp_path, env={"ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "the LSTM runs in float32, the rest in bf16" in (tmp_path / "run" / "train.log").read_text()
+    probe = "from dlfs_cli.layers import cpu_has_bf16_lstm; import torch; torch.manual_seed(0)\n"
+    probe += "print(cpu_has_bf16_lstm(), torch.equal(torch.rand(3), torch.manual_seed(0) and torch.rand(3)))"
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    checked = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert checked.stdout.split() == ["False", "True"], checked.stderr[-2000:]
 
 
 # 6. a joblib sweep on CUDA: the jobs spread over the GPUs ----------------------------------------------

@@ -8,14 +8,21 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import run_dlfs, wait_for
 
+from dlfs_cli.checkpoint import load_checkpoint
+from dlfs_cli.config import TrainerConfig
 from dlfs_cli.distributed import World
+from dlfs_cli.tracking import ProgressDisplay, RunFolder
 from dlfs_cli.train import train
+from dlfs_cli.trainer import Interrupted, Trainer
+
+CPU = torch.device("cpu")
 
 # dropout off: with it, each rank draws its own masks and the runs differ by design
 CNN = ["model=mnist_cnn", "data=digits", "model.dropout_keep=1.0", "figures.enabled=false", "device=cpu"]
@@ -105,3 +112,81 @@ def test_what_data_parallel_refuses(tmp_path: Path) -> None:
     out = run_dlfs("train", "-m", "seed=1,2", cwd=tmp_path, env=env)
     assert out.returncode == 2 and "a sweep (-m) cannot run under torchrun" in out.stderr
     assert os.environ.get("WORLD_SIZE") is None
+
+
+# the stop agreement under torchrun: every log_every steps, not every step ---------------------------------
+
+
+@dataclass(frozen=True)
+class AgreeingPartner(World):
+    """Rank 0 of two with no process group: the other rank adds nothing to the sums and agrees to every
+    stop (its numbers are this rank's). Each stop agreement is noted with the step it came after."""
+
+    agreed_at: list[int] = field(default_factory=list, compare=False)
+    trainer: list[Trainer] = field(default_factory=list, compare=False)
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+    def max_ints(self, values: list[int]) -> list[int]:
+        return values
+
+    def any_stop(self, signum: int | None) -> int | None:
+        self.agreed_at.append(self.trainer[0].step)
+        return super().any_stop(signum)
+
+
+def test_ranks_agree_on_a_stop_every_log_every_steps_and_resume_exactly(make_cfg, tmp_path: Path) -> None:
+    """The stop flag's all_reduce came after every step: a host round trip with the ranks in lock-step.
+    Now at every log_every-th step and the epoch's end (the same steps on every rank); a stop asked at
+    step 5 stops at step 8 with last.pt, which resumes to the weights of the run that was never stopped."""
+    batches = [(torch.randn(6, 4, generator=torch.Generator().manual_seed(i)), torch.ones(6, 1)) for i in range(10)]
+
+    def trainer(name: str, stop_after: int | None = None) -> tuple[Trainer, AgreeingPartner, list]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        run = RunFolder(tmp_path / name, live=False)
+        run.start(make_cfg(), {}, ["loss", "mse", "rmse", "mae"])
+        world = AgreeingPartner(0, 2)
+        t = Trainer(model, optimizer, None, TrainerConfig(log_every=4, checkpoint_every=0), "mse", CPU, run, {}, world)
+        world.trainer.append(t)
+
+        def loader():  # the signal lands after the step of batch `stop_after`
+            for i, batch in enumerate(batches, start=1):
+                yield batch
+                if i == stop_after:
+                    t.stop_signal = signal.SIGTERM
+
+        return t, world, loader
+
+    def epoch(t: Trainer, loader) -> None:
+        t._train_epoch(Batches(loader), None, ProgressDisplay(1, len(batches), live=False), 1)
+
+    straight, world, loader = trainer("straight")
+    epoch(straight, loader)
+    assert world.agreed_at == [4, 8, 10]  # not 1, 2, ..., 10
+
+    stopped, world, loader = trainer("stopped", stop_after=5)
+    with pytest.raises(Interrupted, match=r"after batch 8 \(step 8\)"):
+        epoch(stopped, loader)
+    assert world.agreed_at == [4, 8]
+    resumed, _, loader = trainer("resumed")
+    resumed.load_state_dict(load_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.pt"))
+    epoch(resumed, loader)
+    assert resumed.step == straight.step == 10
+    for name, weights in straight.net.state_dict().items():
+        assert torch.equal(resumed.net.state_dict()[name], weights), name
+
+
+class Batches:
+    """A loader the trainer can take the length of, made anew from `make` at each pass."""
+
+    def __init__(self, make) -> None:
+        self.make = make
+
+    def __len__(self) -> int:
+        return 10
+
+    def __iter__(self):
+        return iter(self.make())

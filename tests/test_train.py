@@ -279,6 +279,21 @@ def test_cudnn_benchmark_is_left_alone_off_cuda(make_cfg, tmp_path: Path) -> Non
     assert torch.backends.cudnn.benchmark is False  # a CUDA switch: nothing to do on the CPU
 
 
+def test_compile_without_a_cpp_compiler_is_one_line_before_the_run(
+    run_here, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.compile looks for its C++ compiler at the first step: a machine without one ended the run there,
+    with inductor's long traceback and a failed run folder. Now one line, exit 2, and no folder."""
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
+    out = run_here("train", *SMOKE, "trainer.compile=true", "hydra.run.dir=run", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("dlfs: error: trainer.compile=true: torch.compile found no C++ compiler")
+    assert "install one (g++, or name it in $CXX) or leave trainer.compile=false" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_compile_trains_and_saves_plain_weights(make_cfg, tmp_path: Path) -> None:
     metrics = train(make_cfg(*DIGITS_SMOKE, "trainer.compile=true"), tmp_path / "run")

@@ -62,7 +62,7 @@ def report(
     base_rows = next(iter(results.values()))
     k = min(len(results), rounds)
     lines = [
-        f"{title}: {time.strftime('%Y-%m-%d %H:%M')}, {platform.node()}, {os.cpu_count()} CPUs, "
+        f"{title}: {time.strftime('%Y-%m-%d %H:%M')}, {platform.node()}, {os.cpu_count()} CPUs ({cpu_model()}), "
         f"{rounds} rounds alternating, medians",
         "",
         "| side | "
@@ -84,16 +84,41 @@ def report(
     (RESULTS / file).write_text(text + "\n")
     (RESULTS / file).with_suffix(".json").write_text(
         json.dumps(
-            {"title": title, "date": time.strftime("%Y-%m-%d %H:%M"), "rounds": rounds, "sides": sides}, indent=2
+            {
+                "title": title,
+                "date": time.strftime("%Y-%m-%d %H:%M"),
+                "cpu": cpu_model(),
+                "cpus": os.cpu_count(),
+                "rounds": rounds,
+                "sides": sides,
+            },
+            indent=2,
         )
     )
     return text
 
 
-def timed(cmd: list[str]) -> tuple[str, float]:
-    """Run a command; its stdout and the whole process's wall time."""
+def cpu_model() -> str:
+    """The CPU's model name and the widest vector extensions that matter to torch's CPU kernels (a
+    results file is about one machine: the same code is other figures on another CPU)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:  # not Linux
+        pass
+    extensions = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name}, {' '.join(extensions) or 'no AVX2'}"
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[str, float]:
+    """Run a command (with `env` added to this one's); its stdout and the whole process's wall time."""
     t0 = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, **(env or {})}).stdout
     return out, time.perf_counter() - t0
 
 

@@ -1,0 +1,22 @@
+"""The operating systems dlfs runs on: POSIX ones. Linux is where it is tested; macOS has the same calls
+(flock, fork, SIGHUP) and Apple's MPS paths are tested with a faked MPS, but dlfs has not run on a Mac.
+
+Native Windows is refused in one line: the run lock is an flock (fcntl), a stop is a SIGTERM or SIGHUP
+handled at a safe point (Windows delivers neither: a terminated process is killed outright), and forked
+DataLoader workers close the lock's descriptor (os.register_at_fork). The modules that use these guard
+their imports, so that `dlfs` can start there and say this instead of a traceback. WSL 2 is Linux.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from dlfs_cli.errors import DlfsError
+
+
+def check_system() -> None:
+    if sys.platform == "win32":
+        raise DlfsError(
+            "Windows is not supported: dlfs needs Linux (or macOS, untested) for its run locks and stop "
+            "signals; run it inside WSL 2 (wsl --install), where it is Linux"
+        )
