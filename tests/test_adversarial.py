@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import SMOKE, Result, run_dlfs
 
 from dlfs_cli import runlock
 from dlfs_cli.train import train
-from tests.conftest import SMOKE, Result, run_dlfs
 
 LONG = "x" * 5000  # longer than any file name may be
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import RUN_FILES, run_dlfs
 
 from dlfs_cli.config import conf_dir
-from tests.conftest import RUN_FILES, run_dlfs
 
 
 def test_help_lists_the_commands(run_here, tmp_path: Path) -> None:

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_dlfs
 
 from dlfs_cli.cli import COMMANDS
 from dlfs_cli.completion import candidates
-from tests.conftest import run_dlfs
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import SMOKE, run_dlfs
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 from torch import Tensor, nn
@@ -37,7 +38,6 @@ from dlfs_cli.errors import DlfsError
 from dlfs_cli.layers import LSTMLayer, cpu_has_bf16_lstm
 from dlfs_cli.tracking import ProgressDisplay, RunFolder
 from dlfs_cli.trainer import PENDING_STEPS, RunningLoss, Trainer, evaluate, sum_dtype
-from tests.conftest import SMOKE, run_dlfs
 
 META = torch.device("meta")
 
@@ -514,20 +514,36 @@ def test_a_cpu_without_a_bf16_lstm_runs_the_lstm_in_float32_and_the_rest_in_bf16
     assert out.dtype == torch.bfloat16 and h.dtype == c.dtype == torch.float32  # the LSTM's own output: float32
 
 
+PROBE = """
+import torch
+from dlfs_cli.layers import cpu_has_bf16_lstm
+torch.manual_seed(0)
+has = cpu_has_bf16_lstm()
+after = torch.rand(3)
+torch.manual_seed(0)
+print(has, torch.equal(after, torch.rand(3)))
+"""
+
+
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="ONEDNN_MAX_CPU_ISA caps x86 CPUs only")
-def test_bf16_lstm_training_on_a_cpu_capped_at_avx2(tmp_path: Path) -> None:
-    """The whole command on a CPU without oneDNN's bfloat16 LSTM, whatever CPU runs the test: oneDNN's
-    ONEDNN_MAX_CPU_ISA=AVX2 makes it use AVX2 alone (it reproduced the failure of issue 24). It trains, says
-    why the LSTM is in float32, and the probe asked for it drew none of the run's random numbers."""
-    args = ["train", "model=lstm_charmodel", "model.hidden_size=8", "data.sequence_length=5", "trainer.epochs=1"]
-    args += ["trainer.limit_batches=3", "trainer.precision=bf16", "device=cpu", "figures.enabled=false"]
-    out = run_dlfs(*args, "hydra.run.dir=run", cwd=tmp_path, env={"ONEDNN_MAX_CPU_ISA": "AVX2"})
+def test_bf16_training_on_a_cpu_capped_at_avx2(tmp_path: Path) -> None:
+    """Whole commands on a CPU without AVX-512 or bfloat16 instructions, whatever CPU runs the test: oneDNN's
+    ONEDNN_MAX_CPU_ISA=AVX2 makes it use AVX2 alone (it reproduced the failure of issue 24). The LSTM trains
+    in float32 and train.log says why; the CNN's convolutions and matmuls, in bf16 and channels_last, train;
+    and asking the CPU drew none of the run's random numbers."""
+    capped = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+    quick = ["trainer.epochs=1", "trainer.limit_batches=3", "trainer.precision=bf16", "device=cpu"]
+    quick += ["figures.enabled=false"]
+    lstm = ["model=lstm_charmodel", "model.hidden_size=8", "data.sequence_length=5"]
+    out = run_dlfs("train", *lstm, *quick, "hydra.run.dir=lstm", cwd=tmp_path, env=capped)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "the LSTM runs in float32, the rest in bf16" in (tmp_path / "run" / "train.log").read_text()
-    probe = "from dlfs_cli.layers import cpu_has_bf16_lstm; import torch; torch.manual_seed(0)\n"
-    probe += "print(cpu_has_bf16_lstm(), torch.equal(torch.rand(3), torch.manual_seed(0) and torch.rand(3)))"
-    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    checked = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=120)
+    assert "the LSTM runs in float32, the rest in bf16" in (tmp_path / "lstm" / "train.log").read_text()
+    cnn = ["model=mnist_cnn", "data=digits", "trainer.channels_last=true"]
+    out = run_dlfs("train", *cnn, *quick, "hydra.run.dir=cnn", cwd=tmp_path, env=capped)
+    assert out.returncode == 0, out.stderr[-2000:]
+    checked = subprocess.run(
+        [sys.executable, "-c", PROBE], capture_output=True, text=True, env={**os.environ, **capped}, timeout=120
+    )
     assert checked.stdout.split() == ["False", "True"], checked.stderr[-2000:]
 
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMOKE, run_dlfs
+from test_resume import interrupt_at_step
 
 from dlfs_cli import trainer as trainer_module
 from dlfs_cli.evaluate import evaluate_run
 from dlfs_cli.train import train
 from dlfs_cli.trainer import Diverged, Interrupted, Trainer
-from tests.conftest import SMOKE, run_dlfs
-from tests.test_resume import interrupt_at_step
 
 pytestmark = [
     pytest.mark.gpu,

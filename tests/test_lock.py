@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import start_long_run, wait_for
 
 from dlfs_cli import runlock
-from tests.conftest import start_long_run, wait_for
 
 
 def summary(run: Path) -> dict:

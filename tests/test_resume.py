@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DIGITS_CNN, run_dlfs, wait_for
 
 from dlfs_cli import checkpoint as checkpoint_module
 from dlfs_cli import lifecycle
@@ -25,7 +26,6 @@ from dlfs_cli.lifecycle import Aborted, stop_signals
 from dlfs_cli.resume import last_state, prepare, resume_config
 from dlfs_cli.train import train
 from dlfs_cli.trainer import Interrupted, RunningLoss, Trainer
-from tests.conftest import DIGITS_CNN, run_dlfs, wait_for
 
 
 def summary(run: Path) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import start_long_run, wait_for
 
 import dlfs_cli.figures
 import dlfs_cli.generate
@@ -25,7 +26,6 @@ import dlfs_cli.train
 import dlfs_cli.trainer
 from dlfs_cli import lifecycle
 from dlfs_cli.trainer import Trainer
-from tests.conftest import start_long_run, wait_for
 
 QUICK = ["device=cpu", "trainer.epochs=2", "trainer.limit_batches=3"]
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import DIGITS_CNN
-from tests.test_resume import interrupt_and_compare
+from conftest import DIGITS_CNN
+from test_resume import interrupt_and_compare
 
 
 @pytest.mark.slow

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 # Windows as dlfs's imports see it, in a fresh Python: no fcntl, no fork, no SIGHUP, sys.platform win32.
-# subprocess is imported first: it picks its Windows half (_winapi) at import, which Linux does not have.
+# subprocess and shutil are imported first: they pick their Windows half (_winapi) at import, absent here.
 FAKE_WINDOWS = """
-import os, signal, subprocess, sys
+import os, shutil, signal, subprocess, sys
 sys.modules["fcntl"] = None  # `import fcntl` raises ImportError
 del os.register_at_fork, os.fork, signal.SIGHUP
 sys.platform = "win32"

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import RUN_FILES, SMOKE
 
 from dlfs_cli.config import DlfsError
 from dlfs_cli.evaluate import evaluate_run
 from dlfs_cli.train import train
-from tests.conftest import RUN_FILES, SMOKE
 
 # for the runs whose figures no test here looks at (test_run_folder_contract does): drawing them is most of a
 # small run's time
