@@ -88,10 +88,12 @@ def cpu_has_bf16_lstm() -> bool:
     """Whether this CPU trains an LSTM under bfloat16 autocast. oneDNN has a bfloat16 LSTM only where the CPU
     has AVX-512 (or more): on an AVX2-only CPU, and so on many laptops and servers, the LSTM raised "could not
     create a primitive descriptor" at the first step. Asked once, with a one-step LSTM trained as a run would
-    train it, under a forked generator so that asking draws none of the run's random numbers."""
+    train it, under a forked generator so that asking draws none of the run's random numbers, and with
+    gradients on whoever asks first (an evaluation asks under no_grad, and the answer is kept)."""
     try:
-        with torch.random.fork_rng(devices=[]), torch.autocast("cpu", dtype=torch.bfloat16):
-            out, _ = nn.LSTM(1, 1)(torch.zeros(1, 1, 1))
+        with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out, _ = nn.LSTM(1, 1)(torch.zeros(1, 1, 1))
             out.float().sum().backward()
     except RuntimeError:
         return False

@@ -514,6 +514,16 @@ def test_a_cpu_without_a_bf16_lstm_runs_the_lstm_in_float32_and_the_rest_in_bf16
     assert out.dtype == torch.bfloat16 and h.dtype == c.dtype == torch.float32  # the LSTM's own output: float32
 
 
+def test_asking_the_cpu_for_a_bf16_lstm_in_an_evaluation_gets_the_same_answer() -> None:
+    """dlfs eval and generate ask first under inference_mode, where the probe's backward pass would fail
+    and a bf16-capable CPU would be kept as one without."""
+    plain = layers.cpu_has_bf16_lstm.__wrapped__()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layers.cpu_has_bf16_lstm.__wrapped__() == plain
+    with torch.no_grad():
+        assert layers.cpu_has_bf16_lstm.__wrapped__() == plain
+
+
 PROBE = """
 import torch
 from dlfs_cli.layers import cpu_has_bf16_lstm
