@@ -14,8 +14,8 @@ LOCAL_RANK and WORLD_SIZE by environment variables. They train one model togethe
   step; held-out metrics are summed over the ranks' shards of the test split.
 
 The process group carries CPU tensors over gloo and CUDA tensors over NCCL ("cpu:gloo,cuda:nccl"),
-so the stop flag (agreed on every log_every steps) never waits for the GPU. With one process every
-collective is a no-op.
+so the stop flag (agreed on about every half second: trainer.StopAgreement) never waits for the GPU.
+With one process every collective is a no-op.
 
 Also here, for every command that runs a model (train, eval, generate): the device, the seeds, and
 the process-wide numeric switches (determinism, TF32).
@@ -81,14 +81,6 @@ class World:
         t = torch.tensor(values, dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return [int(v) for v in t.tolist()]
-
-    def any_stop(self, signum: int | None) -> int | None:
-        """At the steps the ranks agree on (trainer.agreement_due): a stop (a signal's number) asked of any rank
-        stops every rank at this same step; a rank stopping alone would leave the others waiting in the next
-        gradient exchange."""
-        if not self.distributed:
-            return signum
-        return self.max_ints([signum or 0])[0] or None
 
     def first_step(self, step: int) -> int | None:
         """The earliest of the ranks' steps (-1: this rank has none); None when no rank has one."""
@@ -226,8 +218,8 @@ def check_bf16(device: torch.device, fix: str = "use trainer.precision=fp32") ->
 
 
 def check_compile() -> None:
-    """trainer.compile=true: torch.compile's inductor builds its kernels with a C++ compiler (g++, or $CXX;
-    clang++ on a Mac), which it looks for only at the first step, ending the run there with a long
+    """trainer.compile=true on the CPU: torch.compile's inductor builds its kernels with a C++ compiler (g++,
+    or $CXX; clang++ on a Mac), which it looks for only at the first step, ending the run there with a long
     traceback where there is none. Looked for here, as inductor does, before anything runs."""
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
@@ -291,25 +283,32 @@ def local_gpu(local_rank: int, visible: int) -> int | None:
     return 0 if visible == 1 else None
 
 
-def gpu_identity(device: torch.device) -> tuple[str, int]:
-    """This machine and GPU: a name, and a 56-bit number of it that a host tensor can carry."""
-    props = torch.cuda.get_device_properties(device)
-    name = f"{socket.gethostname()}/{getattr(props, 'uuid', device.index)}"
+def gpu_identity(device: torch.device) -> tuple[str, int] | None:
+    """This machine and GPU: a name, and a 56-bit number of it that a host tensor can carry. None where torch
+    does not give the GPU's UUID: its index alone would make every `srun --gpus-per-task=1` rank GPU 0."""
+    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+    if uuid is None:
+        return None
+    name = f"{socket.gethostname()}/{uuid}"
     return name, int.from_bytes(hashlib.sha1(name.encode()).digest()[:7], "big")
 
 
 def check_distinct_gpus(device: torch.device) -> None:
     """Under torchrun on CUDA: every rank on a GPU of its own. A process that sees one GPU takes it
     (local_gpu), and if two such processes see the same one, NCCL would fail at the first exchange with a
-    traceback per rank. Each rank's machine and GPU, gathered over gloo (host tensors)."""
-    name, number = gpu_identity(device)
-    mine = torch.tensor([number], dtype=torch.int64)
+    traceback per rank. Each rank's machine and GPU, gathered over gloo (host tensors); every rank sees
+    the whole list and refuses alike (a rank left running would wait in the first exchange until killed)."""
+    ident = gpu_identity(device)
+    mine = torch.tensor([ident[1] if ident is not None else -1], dtype=torch.int64)  # every rank gathers
     every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(every, mine)
-    ranks = [rank for rank, other in enumerate(every) if int(other) == number]
-    if len(ranks) > 1:
+    numbers = [int(t) for t in every]
+    shared = {n for n in numbers if n != -1 and numbers.count(n) > 1}
+    if shared:
+        ranks = [rank for rank, n in enumerate(numbers) if n in shared]
+        where = f" ({ident[0]})" if ident is not None and ident[1] in shared else ""
         raise DlfsError(
-            f"ranks {', '.join(map(str, ranks))} were given the same GPU ({name}): each rank needs a GPU of its "
+            f"ranks {', '.join(map(str, ranks))} were given the same GPU{where}: each rank needs a GPU of its "
             "own; start at most one process per GPU (trainer.nproc, --nproc_per_node, srun --gpus-per-task=1)"
         )
 

@@ -83,8 +83,14 @@ class ConvLayer(nn.Module):
 LSTMState = tuple[Tensor, Tensor]
 
 
+@torch.compiler.disable  # under trainer.compile=true: asked as plain Python, never traced into the graph
 @functools.cache
 def cpu_has_bf16_lstm() -> bool:
+    """probe_bf16_lstm's answer, asked once in a process."""
+    return probe_bf16_lstm()
+
+
+def probe_bf16_lstm() -> bool:
     """Whether this CPU trains an LSTM under bfloat16 autocast. oneDNN has a bfloat16 LSTM only where the CPU
     has AVX-512 (or more): on an AVX2-only CPU, and so on many laptops and servers, the LSTM raised "could not
     create a primitive descriptor" at the first step. Asked once, with a one-step LSTM trained as a run would
@@ -107,9 +113,16 @@ def lstm_precision(x: Tensor) -> AbstractContextManager:
     LSTM, and float32 where it has none (cpu_has_bf16_lstm): the layers around it stay under autocast."""
     if x.is_cuda:
         return torch.autocast("cuda", enabled=False)
-    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not cpu_has_bf16_lstm():
+    if x.device.type == "cpu" and _cpu_autocast() and not cpu_has_bf16_lstm():
         return torch.autocast("cpu", enabled=False)
     return nullcontext()
+
+
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch 2.3 (the floor) takes no device here: its own function for the CPU
+        return torch.is_autocast_cpu_enabled()
 
 
 class LSTMLayer(nn.Module):

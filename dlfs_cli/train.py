@@ -15,13 +15,12 @@ from typing import Any, cast
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dlfs_cli import __version__, distributed, lifecycle, sweep
+from dlfs_cli import __version__, distributed, layers, lifecycle, sweep
 from dlfs_cli.checkpoint import Checkpoint, config_hash
 from dlfs_cli.config import validate
 from dlfs_cli.data import DataBundle, DataInfo, build_data
 from dlfs_cli.distributed import World
 from dlfs_cli.errors import DlfsError, exit_code_of, os_error_message
-from dlfs_cli.layers import cpu_has_bf16_lstm
 from dlfs_cli.models import RECONSTRUCTS, build_model
 from dlfs_cli.tracking import RunFolder, log, phase, print_config_tree, versions
 from dlfs_cli.trainer import Diverged, Trainer, metric_names
@@ -60,7 +59,13 @@ def train(
         # Everything above can refuse the config; only now does the run folder get its files.
         start = time.time()
         run = _open_run(cfg, run_dir, state, device, world, model, data.info, live)
-        if cfg.trainer.precision == "bf16" and device.type == "cpu" and _has_lstm(model) and not cpu_has_bf16_lstm():
+        # the LSTM's own choice (layers.lstm_precision), said once
+        if (
+            cfg.trainer.precision == "bf16"
+            and device.type == "cpu"
+            and _has_lstm(model)
+            and not layers.cpu_has_bf16_lstm()
+        ):
             log.info(
                 "this CPU has no bfloat16 LSTM (oneDNN's needs AVX-512): the LSTM runs in float32, the rest in bf16"
             )
@@ -116,7 +121,7 @@ def _set_up(cfg: DictConfig, threads: int | None) -> tuple[World, torch.device]:
         distributed.check_distinct_gpus(device)
     if t.precision == "bf16":
         distributed.check_bf16(device)
-    if t.compile:
+    if t.compile and device.type == "cpu":  # CUDA's kernels are Triton's, built otherwise (not checked on a GPU)
         distributed.check_compile()
     distributed.set_kernels(t, device)
     # The data order's generator takes the seed itself (the same order on every rank); the global

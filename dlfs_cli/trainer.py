@@ -245,9 +245,33 @@ class RunningLoss:
             self.epoch_n, self.window_n = int(sums["epoch_n"]), int(sums["window_n"])
 
 
-def agreement_due(step: int, log_every: int, epoch_end: bool) -> bool:
-    """Whether the ranks agree on a stop after this step (the same steps on every rank)."""
-    return step % log_every == 0 or epoch_end
+class StopAgreement:
+    """When torchrun's ranks agree on a stop: at steps they all reach together, about every AGREE_S seconds
+    of training and at each epoch's end, not after every step (an all_reduce per step held each step to a
+    host round trip with every rank in lock-step). The interval in steps is itself agreed on: each rank
+    proposes AGREE_S over its own seconds per step since the last agreement, at least 1 and at most
+    log_every steps, and the smallest proposal is taken, so that the slowest rank still hears of a stop
+    within about AGREE_S. A stop is never held back for long: torchrun (and SLURM) kill the ranks 30 s
+    after passing on a SIGTERM, and the interrupted last.pt must be saved before that."""
+
+    AGREE_S = 0.5
+
+    def __init__(self, step: int, log_every: int) -> None:
+        self.log_every = log_every
+        self.last_step, self.last_time = step, time.monotonic()
+        self.next_step = step + 1  # the first agreement measures one step
+
+    def due(self, step: int, epoch_end: bool) -> bool:
+        return step >= self.next_step or epoch_end
+
+    def agree(self, world: World, step: int, signum: int | None) -> int | None:
+        """The stop that any rank asked for (None: none), and the next agreement's step, on every rank."""
+        now = time.monotonic()
+        per_step = (now - self.last_time) / max(step - self.last_step, 1)
+        proposal = min(self.log_every, max(1, int(self.AGREE_S / per_step) if per_step > 0 else self.log_every))
+        stop, negated = world.max_ints([signum or 0, -proposal])  # the largest signal; the smallest interval
+        self.last_step, self.last_time, self.next_step = step, now, step - negated
+        return stop or None
 
 
 class Trainer:
@@ -286,6 +310,7 @@ class Trainer:
         self.running = RunningLoss(device)
         self.elapsed_before = 0.0  # seconds trained before a resume
         self.stop_signal: int | None = None  # set by a signal handler: stop after the current step
+        self.agreement: StopAgreement | None = None  # torchrun: when the ranks agree on a stop (made each epoch)
         self.lr = optimizer.param_groups[0]["lr"]  # the rate of the epoch under way, for metrics.csv
         self._start = time.monotonic()
 
@@ -358,6 +383,8 @@ class Trainer:
         self.model.train()  # every epoch: evaluation switched it to eval mode (the book forgot this)
         skip = self._start_epoch(loader, generator)
         last = self._batches(loader)
+        if self.world.distributed:  # timed from here: the evaluation before this epoch is no step's time
+            self.agreement = StopAgreement(self.step, self.cfg.log_every)
         for i, (x, y) in enumerate(islice(loader, self.cfg.limit_batches), start=1):
             if i <= skip:
                 continue  # replaying the epoch's order up to where the checkpoint was taken
@@ -400,12 +427,12 @@ class Trainer:
     def _after_step(self, epoch: int, epoch_end: bool, progress: ProgressDisplay) -> None:
         """What may follow a step: a row of metrics.csv, a mid-epoch checkpoint, a stop, the progress bar."""
         # A single process acts on a stop at once. Under torchrun only a stop that every rank agreed on counts
-        # (a signal can land on one rank at any moment), and the ranks agree only at steps they all reach
-        # together, every log_every steps and at each epoch's end: an agreement at every step held each step
-        # to a host round trip with every rank in lock-step. A stop waits at most log_every steps.
+        # (a signal can land on one rank at any moment), at the steps of StopAgreement.
         stop = self.stop_signal
         if self.world.distributed:
-            stop = self.world.any_stop(stop) if agreement_due(self.step, self.cfg.log_every, epoch_end) else None
+            agreement = self.agreement
+            assert agreement is not None  # made at the epoch's start
+            stop = agreement.agree(self.world, self.step, stop) if agreement.due(self.step, epoch_end) else None
         if self.step % self.cfg.log_every == 0:
             self._record_train(epoch)
         every = self.cfg.checkpoint_every

@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,7 @@ from dlfs_cli.config import TrainerConfig
 from dlfs_cli.distributed import World
 from dlfs_cli.tracking import ProgressDisplay, RunFolder
 from dlfs_cli.train import train
-from dlfs_cli.trainer import Interrupted, Trainer
+from dlfs_cli.trainer import Interrupted, StopAgreement, Trainer
 
 CPU = torch.device("cpu")
 
@@ -114,16 +114,13 @@ def test_what_data_parallel_refuses(tmp_path: Path) -> None:
     assert os.environ.get("WORLD_SIZE") is None
 
 
-# the stop agreement under torchrun: every log_every steps, not every step ---------------------------------
+# the stop agreement under torchrun: about every half second of training, not every step -------------------
 
 
 @dataclass(frozen=True)
 class AgreeingPartner(World):
-    """Rank 0 of two with no process group: the other rank adds nothing to the sums and agrees to every
-    stop (its numbers are this rank's). Each stop agreement is noted with the step it came after."""
-
-    agreed_at: list[int] = field(default_factory=list, compare=False)
-    trainer: list[Trainer] = field(default_factory=list, compare=False)
+    """Rank 0 of two with no process group: the other rank adds nothing to the sums and agrees with
+    everything (its numbers are this rank's)."""
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         return values
@@ -131,62 +128,72 @@ class AgreeingPartner(World):
     def max_ints(self, values: list[int]) -> list[int]:
         return values
 
-    def any_stop(self, signum: int | None) -> int | None:
-        self.agreed_at.append(self.trainer[0].step)
-        return super().any_stop(signum)
 
-
-def test_ranks_agree_on_a_stop_every_log_every_steps_and_resume_exactly(make_cfg, tmp_path: Path) -> None:
-    """The stop flag's all_reduce came after every step: a host round trip with the ranks in lock-step.
-    Now at every log_every-th step and the epoch's end (the same steps on every rank); a stop asked at
-    step 5 stops at step 8 with last.pt, which resumes to the weights of the run that was never stopped."""
+def test_ranks_agree_on_a_stop_at_agreed_steps_and_resume_exactly(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stop flag's all_reduce came after every step: a host round trip with the ranks in lock-step. Now
+    at steps the ranks agree on: about every StopAgreement.AGREE_S seconds (here: longer than any step, so
+    log_every steps apart) and at the epoch's end. A stop asked after step 6 stops at step 9 with last.pt,
+    which resumes to the weights of the run that was never stopped. Steps slower than AGREE_S: every step."""
     batches = [(torch.randn(6, 4, generator=torch.Generator().manual_seed(i)), torch.ones(6, 1)) for i in range(10)]
+    agreed_at: list[int] = []
+    agree = StopAgreement.agree
+    monkeypatch.setattr(
+        StopAgreement, "agree", lambda self, w, step, s: agreed_at.append(step) or agree(self, w, step, s)
+    )
+    monkeypatch.setattr(StopAgreement, "AGREE_S", 1e9)
 
-    def trainer(name: str, stop_after: int | None = None) -> tuple[Trainer, AgreeingPartner, list]:
+    def trainer(name: str, stop_after: int | None = None) -> tuple[Trainer, Batches]:
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         run = RunFolder(tmp_path / name, live=False)
         run.start(make_cfg(), {}, ["loss", "mse", "rmse", "mae"])
-        world = AgreeingPartner(0, 2)
-        t = Trainer(model, optimizer, None, TrainerConfig(log_every=4, checkpoint_every=0), "mse", CPU, run, {}, world)
-        world.trainer.append(t)
+        schedule = TrainerConfig(log_every=4, checkpoint_every=0)
+        t = Trainer(model, optimizer, None, schedule, "mse", CPU, run, {}, AgreeingPartner(0, 2))
 
-        def loader():  # the signal lands after the step of batch `stop_after`
+        def loader():  # the signal lands after step `stop_after` (when the next batch is asked for)
             for i, batch in enumerate(batches, start=1):
                 yield batch
                 if i == stop_after:
                     t.stop_signal = signal.SIGTERM
 
-        return t, world, loader
+        return t, Batches(loader, len(batches))
 
-    def epoch(t: Trainer, loader) -> None:
-        t._train_epoch(Batches(loader), None, ProgressDisplay(1, len(batches), live=False), 1)
+    def epoch(t: Trainer, loader: Batches) -> None:
+        t._train_epoch(loader, None, ProgressDisplay(1, len(batches), live=False), 1)
 
-    straight, world, loader = trainer("straight")
+    straight, loader = trainer("straight")
     epoch(straight, loader)
-    assert world.agreed_at == [4, 8, 10]  # not 1, 2, ..., 10
+    assert agreed_at == [1, 5, 9, 10]  # the first step, then log_every steps apart, and the epoch's end
 
-    stopped, world, loader = trainer("stopped", stop_after=5)
-    with pytest.raises(Interrupted, match=r"after batch 8 \(step 8\)"):
+    agreed_at.clear()
+    stopped, loader = trainer("stopped", stop_after=6)
+    with pytest.raises(Interrupted, match=r"after batch 9 \(step 9\)"):
         epoch(stopped, loader)
-    assert world.agreed_at == [4, 8]
-    resumed, _, loader = trainer("resumed")
+    assert agreed_at == [1, 5, 9]
+    resumed, loader = trainer("resumed")
     resumed.load_state_dict(load_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.pt"))
     epoch(resumed, loader)
     assert resumed.step == straight.step == 10
     for name, weights in straight.net.state_dict().items():
         assert torch.equal(resumed.net.state_dict()[name], weights), name
 
+    agreed_at.clear()
+    monkeypatch.setattr(StopAgreement, "AGREE_S", 0.0)  # steps slower than it: every step
+    epoch(*trainer("slow"))
+    assert agreed_at == list(range(1, 11))
+
 
 class Batches:
     """A loader the trainer can take the length of, made anew from `make` at each pass."""
 
-    def __init__(self, make) -> None:
-        self.make = make
+    def __init__(self, make, n: int) -> None:
+        self.make, self.n = make, n
 
     def __len__(self) -> int:
-        return 10
+        return self.n
 
     def __iter__(self):
         return iter(self.make())
