@@ -269,7 +269,7 @@ def _runs_app() -> None:
 def _train_command(args: list[str]) -> None:
     """dlfs train, start to end: resume= and torchrun's ranks are set up before Hydra; a sweep's summary
     follows its jobs, also when the sweep ends early; under torchrun the ranks' group is closed at the end."""
-    lifecycle.install_for_process()  # SIGINT, SIGTERM, SIGHUP: stop at a safe point, from here to the exit
+    lifecycle.install_for_process()  # SIGINT, SIGTERM, SIGHUP, SIGUSR1/2: stop at a safe point, from here to the exit
     register_configs()  # the Hydra commands' schemas (not at import: dlfs runs, diff and completion need none)
     multirun = _is_multirun(args)
     with _one_line_errors():  # the folders from= and resume= name: one that cannot be read is one line
@@ -323,7 +323,7 @@ def _generate_command(args: list[str]) -> None:
 
 
 def _reproduce_command(args: list[str]) -> None:
-    lifecycle.install_for_process()  # it trains: SIGINT, SIGTERM, SIGHUP stop it at a safe point
+    lifecycle.install_for_process()  # it trains: SIGINT, SIGTERM, SIGHUP, SIGUSR1/2 stop it at a safe point
     _run_hydra_app("reproduce", _reproduce_app, args)
 
 

@@ -1,7 +1,7 @@
 """What a dlfs process owes its run folder until it exits, whatever happens around it.
 
-- **Signals.** SIGINT, SIGTERM and SIGHUP (a closed terminal, a dropped ssh session) never kill a run
-  half-way: the first one is recorded, and every phase (set-up, training steps, the final evaluation,
+- **Signals.** SIGINT, SIGTERM, SIGHUP (a closed terminal, a dropped ssh session), SIGUSR1 and SIGUSR2
+  (a scheduler's warning before its time limit) never kill a run half-way: the first one is recorded, and every phase (set-up, training steps, the final evaluation,
   figures, the text sample, a sweep's summary) stops at its next safe point, saves what it must and
   exits 128 + the signal's number. A second signal aborts at once.
 - **A sweep's worker processes** (hydra/launcher=joblib) are told to stop by the sweep's process too
@@ -32,8 +32,11 @@ from dlfs_cli.errors import DlfsError
 
 log = logging.getLogger("dlfs")
 
-# Windows has no SIGHUP (dlfs refuses Windows in one line, system.py, after these imports)
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+# SIGUSR1 and SIGUSR2 are a scheduler's warning before a time limit (SLURM's --signal, submitit's default):
+# by default they killed a run at once, with no last.pt of the moment and its status left `running`.
+# Windows has none of SIGHUP, SIGUSR1, SIGUSR2 (dlfs refuses Windows in one line, system.py, after these imports)
+STOP_NAMES = ("SIGINT", "SIGTERM", "SIGHUP", "SIGUSR1", "SIGUSR2")
+STOP_SIGNALS = tuple(getattr(signal, name) for name in STOP_NAMES if hasattr(signal, name))
 
 _requested: int | None = None  # the first stop asked of this process (a signal, or the sweep's process)
 _received = False  # a stop signal was delivered to this process itself: the next one aborts

@@ -79,7 +79,7 @@ class SweepFolder(Callback):
         lifecycle.on_request(self._stop)
 
     def _stop(self, signum: int) -> None:
-        """The first SIGINT, SIGTERM or SIGHUP to the sweep's process (lifecycle.py) stops the sweep: jobs
+        """The first stop signal (SIGINT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2) to the sweep's process (lifecycle.py) stops the sweep: jobs
         not yet started are skipped (they look for STOP_FILE, also in a launcher's other processes); a job
         in this process stops at its next safe point; jobs in other processes stop and save when the
         signal reaches them too (Ctrl-C reaches every process of the terminal's group) or they see STOP_FILE
@@ -96,15 +96,18 @@ class SweepFolder(Callback):
 
 def _start_loky_tracker() -> None:
     """joblib's resource tracker (a process loky starts once, in this one) ignores SIGINT and SIGTERM but
-    not SIGHUP: a closed terminal killed it, and the workers printed its tracebacks. Started here with
-    SIGHUP ignored, which it keeps; the workers honour SIGHUP as any job does."""
+    not SIGHUP, SIGUSR1 or SIGUSR2: a closed terminal (or a scheduler's warning to every process of the job)
+    killed it, and the workers printed its tracebacks. Started here with those ignored, which it keeps;
+    the workers honour them as any job does."""
     from joblib.externals.loky.backend import resource_tracker
 
-    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    untouched = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in lifecycle.STOP_SIGNALS if s not in untouched}
     try:
         resource_tracker.ensure_running()
     finally:
-        signal.signal(signal.SIGHUP, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 # --- inside a job ----------------------------------------------------------------------------

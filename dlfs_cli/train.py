@@ -38,7 +38,7 @@ def train(
 
     threads: CPU threads for torch (a sweep's parallel jobs share the cores); live: a progress bar;
     from_run: the run whose config this one started from (dlfs train from=PATH), recorded in summary.json.
-    SIGINT, SIGTERM and SIGHUP stop it at the next safe point in any phase (see lifecycle.py)."""
+    SIGINT, SIGTERM, SIGHUP, SIGUSR1 and SIGUSR2 stop it at the next safe point in any phase (see lifecycle.py)."""
     with lifecycle.stop_signals():
         validate(cfg)
         world, device = _set_up(cfg, threads)

@@ -165,6 +165,20 @@ def test_sighup_from_a_closed_terminal_saves_and_says_interrupted(tmp_path: Path
     assert summary(run)["status"] == "interrupted" and (run / "checkpoints" / "last.pt").exists()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGUSR2])
+def test_a_schedulers_warning_signal_saves_and_says_interrupted(signum: int, tmp_path: Path) -> None:
+    """SIGUSR1 and SIGUSR2 are what SLURM's --signal and submitit send before a time limit: by default they
+    killed the run at once, leaving no last.pt of the moment and its status `running`. A real process."""
+    run = tmp_path / "run"
+    proc = start_long_run(run, tmp_path)
+    wait_for(lambda: (run / "metrics.csv").exists() and (run / "metrics.csv").read_text().count("\n") >= 3, proc)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    name = signal.Signals(signum).name
+    assert proc.returncode == 128 + signum and f"interrupted by {name}" in err and "Traceback" not in err, err
+    assert summary(run)["status"] == "interrupted" and (run / "checkpoints" / "last.pt").exists()
+
+
 def test_a_closed_console_never_stops_a_sweep(tmp_path: Path) -> None:
     """dlfs train -m seed=1,2,3 trainer.epochs=2 | head -3: every job runs, summary.csv is written."""
     sweep = tmp_path / "s"
@@ -254,8 +268,8 @@ def test_a_process_started_without_stderr_gives_its_children_one(tmp_path: Path)
 
 
 def test_joblibs_resource_tracker_outlives_a_closed_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
-    """loky's tracker ignores SIGINT and SIGTERM only: SIGHUP to the terminal's group killed it and the
-    workers printed its tracebacks. dlfs starts it with SIGHUP ignored."""
+    """loky's tracker ignores SIGINT and SIGTERM only: SIGHUP to the terminal's group (or SIGUSR1/2 from a
+    scheduler) killed it and the workers printed its tracebacks. dlfs starts it with those ignored."""
     from joblib.externals.loky.backend import resource_tracker
 
     tracker = resource_tracker.ResourceTracker()  # a tracker of this test's own: the module's may be running
@@ -263,8 +277,9 @@ def test_joblibs_resource_tracker_outlives_a_closed_terminal(monkeypatch: pytest
     dlfs_cli.sweep._start_loky_tracker()
     try:
         ignored = int(Path(f"/proc/{tracker._pid}/status").read_text().split("SigIgn:")[1].split()[0], 16)
-        assert ignored & (1 << (signal.SIGHUP - 1))
-        assert signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN  # this process's own is put back
+        for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):  # a scheduler's warnings too
+            assert ignored & (1 << (signum - 1)), signal.Signals(signum).name
+            assert signal.getsignal(signum) is not signal.SIG_IGN  # this process's own is put back
     finally:
         tracker._stop()
 
