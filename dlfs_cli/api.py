@@ -13,7 +13,6 @@ Errors are DlfsError with the CLI's one-line messages (an unknown key, a folder 
 from __future__ import annotations
 
 import csv
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from dlfs_cli.config import conf_dir, register_configs, typed_config, validate
 from dlfs_cli.errors import DlfsError
 from dlfs_cli.runs import find_runs
 from dlfs_cli.summary import Summary
-from dlfs_cli.system import check_system
+from dlfs_cli.system import check_system, outputs_root
 from dlfs_cli.tracking import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 
 if TYPE_CHECKING:
@@ -89,7 +88,7 @@ def train(*overrides: str, run_dir: str | Path | None = None, progress: bool = F
     cfg = compose_config(*overrides)
     if run_dir is None:
         stamp = time.strftime("%Y-%m-%d_%H-%M-%S") + f"_{time.time_ns() // 1000 % 1_000_000:06d}"
-        run_dir = Path(os.environ.get("DLFS_OUTPUTS", "outputs")) / cfg.model.name / stamp
+        run_dir = outputs_root() / cfg.model.name / stamp
     folder = Path(run_dir)
     runlock.check_new_folder(folder, "run_dir")  # never into a run, or a folder of the user's own
     train_run(cfg, folder, live=progress)

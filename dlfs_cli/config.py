@@ -392,6 +392,12 @@ class ReproduceConfig:
 
 
 LOSSES = ("mse", "cross_entropy")
+# The loss each of the book's models trains with: numbers against numbers (a regression, a reconstruction)
+# or class scores against class labels. The other pairing trained on nonsense: model=boston with
+# loss=cross_entropy "completed" with a loss of 0 (one output column: one class), model=mnist_cnn with
+# loss=mse was a shape traceback.
+MODEL_LOSS = {"boston": "mse", "autoencoder": "mse", "mnist_cnn": "cross_entropy", "lstm_charmodel": "cross_entropy"}
+LOSS_MEANS = {"mse": "its outputs are numbers to match", "cross_entropy": "its outputs are scores of classes"}
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
@@ -659,6 +665,9 @@ def validate(cfg: DictConfig) -> None:
         _check(s.t_max >= 1, "scheduler.t_max", s.t_max, "must be >= 1 or null")
 
     _check(cfg.loss.name in LOSSES, "loss.name", cfg.loss.name, f"choose from: {', '.join(LOSSES)}")
+    fit = MODEL_LOSS.get(cfg.model.name)
+    if fit is not None and cfg.loss.name != fit:
+        raise DlfsError(f"loss={cfg.loss.name} does not fit model={cfg.model.name}: {LOSS_MEANS[fit]}; use loss={fit}")
     check_device(cfg.device)
 
     m = cfg.model

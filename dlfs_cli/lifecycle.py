@@ -1,9 +1,10 @@
 """What a dlfs process owes its run folder until it exits, whatever happens around it.
 
 - **Signals.** SIGINT, SIGTERM, SIGHUP (a closed terminal, a dropped ssh session), SIGUSR1 and SIGUSR2
-  (a scheduler's warning before its time limit) never kill a run half-way: the first one is recorded, and every phase (set-up, training steps, the final evaluation,
-  figures, the text sample, a sweep's summary) stops at its next safe point, saves what it must and
-  exits 128 + the signal's number. A second signal aborts at once.
+  (a scheduler's warning before its time limit) never kill a run half-way: the first one is recorded,
+  and every phase (set-up, training steps, the final evaluation, figures, the text sample, a sweep's
+  summary) stops at its next safe point, saves what it must and exits 128 + the signal's number. A
+  second signal aborts at once.
 - **A sweep's worker processes** (hydra/launcher=joblib) are told to stop by the sweep's process too
   (`request`), not only by a signal of their own: a `kill PID` or a scheduler's timeout reaches the
   sweep's process alone. Only a second signal *received* aborts at once.

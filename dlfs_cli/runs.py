@@ -26,6 +26,7 @@ import yaml
 from dlfs_cli import runlock
 from dlfs_cli.errors import DlfsError
 from dlfs_cli.summary import FIELDS, Summary
+from dlfs_cli.system import outputs_root
 from dlfs_cli.tracking import SUMMARY_FILE
 
 OVERRIDES_FILE = Path(".hydra") / "overrides.yaml"
@@ -477,9 +478,7 @@ def list_runs(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.path == "":  # Path("") is the working folder: an empty argument is a mistake, not a choice of "."
         parser.error("PATH is empty: name a folder, or leave it out to list outputs/")
-    if args.path is None and os.environ.get("DLFS_OUTPUTS") == "":
-        raise DlfsError("DLFS_OUTPUTS is empty: unset it to list outputs/, or name a folder (dlfs runs PATH)")
-    root = Path(args.path if args.path is not None else os.environ.get("DLFS_OUTPUTS", "outputs"))
+    root = Path(args.path) if args.path is not None else outputs_root()
     try:
         is_dir = root.is_dir()
     except OSError as ex:  # a folder above it cannot be looked into

@@ -79,9 +79,9 @@ class SweepFolder(Callback):
         lifecycle.on_request(self._stop)
 
     def _stop(self, signum: int) -> None:
-        """The first stop signal (SIGINT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2) to the sweep's process (lifecycle.py) stops the sweep: jobs
-        not yet started are skipped (they look for STOP_FILE, also in a launcher's other processes); a job
-        in this process stops at its next safe point; jobs in other processes stop and save when the
+        """The first stop signal (SIGINT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2) to the sweep's process (lifecycle.py)
+        stops the sweep: jobs not yet started are skipped (they look for STOP_FILE, also in a launcher's other
+        processes); a job in this process stops at its next safe point; jobs in other processes stop and save when the
         signal reaches them too (Ctrl-C reaches every process of the terminal's group) or they see STOP_FILE
         (`watch_for_stop`: a `kill PID` or a scheduler's timeout reaches this process alone). A second signal
         aborts at once."""

@@ -1,4 +1,6 @@
-"""The operating systems dlfs runs on: POSIX ones. Linux is where it is tested; macOS has the same calls
+"""What dlfs takes from the system it runs on: the operating system, and the outputs folder of $DLFS_OUTPUTS.
+
+The operating systems dlfs runs on: POSIX ones. Linux is where it is tested; macOS has the same calls
 (flock, fork, SIGHUP) and Apple's MPS paths are tested with a faked MPS, but dlfs has not run on a Mac.
 
 Native Windows is refused in one line: the run lock is an flock (fcntl), a stop is a SIGTERM or SIGHUP
@@ -9,9 +11,13 @@ their imports, so that `dlfs` can start there and say this instead of a tracebac
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 from dlfs_cli.errors import DlfsError
+
+OUTPUTS_ENV = "DLFS_OUTPUTS"  # where runs go (conf/train.yaml and conf/reproduce.yaml read it too)
 
 
 def check_system() -> None:
@@ -20,3 +26,12 @@ def check_system() -> None:
             "Windows is not supported: dlfs needs Linux (or macOS, untested) for its run locks and stop "
             "signals; run it inside WSL 2 (wsl --install), where it is Linux"
         )
+
+
+def outputs_root() -> Path:
+    """$DLFS_OUTPUTS, or outputs/ where it is unset. Set but empty it is refused: the configs' `${oc.env:...}`
+    made runs of `/<model>/<time>` of it, at the file system's root."""
+    value = os.environ.get(OUTPUTS_ENV)
+    if value is not None and not value.strip():
+        raise DlfsError(f"{OUTPUTS_ENV} is empty: unset it (runs go to outputs/) or name a folder in it")
+    return Path(value if value is not None else "outputs")

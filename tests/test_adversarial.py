@@ -19,6 +19,7 @@ import pytest
 from conftest import SMOKE, Result, run_dlfs
 
 from dlfs_cli import runlock
+from dlfs_cli.errors import DlfsError
 from dlfs_cli.train import train
 
 LONG = "x" * 5000  # longer than any file name may be
@@ -223,6 +224,19 @@ CASES = [
     ("runs-sort", ["runs", ".", "--sort", "bogus"], 2, r"--sort bogus: no such column"),
     ("runs-status", ["runs", ".", "--status", "weird"], 2, r"dlfs runs: argument --status"),
     ("runs-option", ["runs", "--bogus"], 2, r"unrecognized arguments: --bogus"),
+    (
+        "loss-regression",
+        ["train", "model=boston", "loss=cross_entropy"],
+        2,
+        r"error: loss=cross_entropy does not fit model=boston: .*; use loss=mse$",
+    ),
+    (
+        "loss-classifier",
+        ["train", "model=mnist_cnn", "data=digits", "loss=mse"],
+        2,
+        r"error: loss=mse does not fit model=mnist_cnn",
+    ),
+    ("loss-lstm", ["train", "model=lstm_charmodel", "loss=mse"], 2, r"use loss=cross_entropy$"),
     # --- dlfs reproduce
     ("reproduce-only", ["reproduce", "quick=true", "only=[nope]"], 2, r"only: unknown experiment nope"),
     ("reproduce-seeds", ["reproduce", "quick=true", "seeds=[]"], 2, r"seeds: give at least one seed"),
@@ -260,6 +274,25 @@ def test_a_real_process_says_one_line_too(tmp_path: Path) -> None:
         out = run_dlfs(*args, cwd=tmp_path)
         assert_one_line_error(Result(out.returncode, out.stdout, out.stderr), 2, pattern)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_outputs_folder_from_the_environment_is_refused(
+    world: Path, dlfs, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """DLFS_OUTPUTS= (set, empty) made `dlfs train` write /boston/<time> at the file system's root."""
+    monkeypatch.setenv("DLFS_OUTPUTS", value)
+    before = snapshot(world)
+    for args in (["train", *SMOKE], ["train", "-m", "seed=1,2"], ["reproduce", "quick=true"], ["runs"]):
+        result = dlfs(*args)
+        assert_one_line_error(
+            result, 2, r"error: DLFS_OUTPUTS is empty: unset it \(runs go to outputs/\) or name a folder"
+        )
+    from dlfs_cli import api
+
+    with pytest.raises(DlfsError, match=r"^DLFS_OUTPUTS is empty"):
+        api.train(*SMOKE)
+    assert snapshot(world) == before
 
 
 def test_a_malformed_summary_never_hides_the_other_runs(world: Path, dlfs) -> None:

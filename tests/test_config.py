@@ -14,7 +14,8 @@ CONF = conf_dir()
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
 # Options that need one more value to be complete (an exponential schedule needs gamma or final_lr).
-COMPLETE = {("scheduler", "exponential"): ["scheduler.gamma=0.9"]}
+# loss=cross_entropy is the classifiers' loss (config.MODEL_LOSS): the default model is a regression.
+COMPLETE = {("scheduler", "exponential"): ["scheduler.gamma=0.9"], ("loss", "cross_entropy"): ["model=mnist_cnn"]}
 
 
 def test_groups_mirror_the_schemas() -> None:
@@ -40,9 +41,11 @@ def test_default_is_the_boston_model_with_its_own_data_and_loss(make_cfg) -> Non
     assert cfg.model.activation == Activation.sigmoid  # the chapter text's choice
 
 
-def test_model_alone_picks_data_and_loss_and_the_user_can_change_them(make_cfg) -> None:
+def test_model_alone_picks_data_and_loss_and_a_loss_that_does_not_fit_is_refused(make_cfg) -> None:
     assert make_cfg("model=boston").loss.name == "mse"
-    assert make_cfg("model=boston", "loss=cross_entropy").loss.name == "cross_entropy"
+    assert make_cfg("model=mnist_cnn").loss.name == "cross_entropy"
+    with pytest.raises(DlfsError, match=r"^loss=cross_entropy does not fit model=boston: .*; use loss=mse$"):
+        validate(make_cfg("model=boston", "loss=cross_entropy"))
 
 
 def test_book_boston_preset_holds_the_books_settings(make_cfg) -> None:
