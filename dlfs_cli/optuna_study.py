@@ -33,8 +33,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from dlfs_cli.errors import DlfsError
 from dlfs_cli.runs import read_run
-from dlfs_cli.sweep import MULTIRUN_FILE, job_folders, next_job
-from dlfs_cli.tracking import log
+from dlfs_cli.sweep import job_folders, next_job
+from dlfs_cli.tracking import MULTIRUN_FILE, log
 
 # Optuna's own lines ("A new study created in RDB ...") in dlfs's format, through the console's handler,
 # not in its coloured one

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from dlfs_cli.config import load_saved_config
 from dlfs_cli.errors import DlfsError
 from dlfs_cli.summary import Summary
-from dlfs_cli.tracking import CHECKPOINT_DIR, CONFIG_FILE, SUMMARY_FILE
+from dlfs_cli.tracking import CHECKPOINT_DIR, CONFIG_FILE, MULTIRUN_FILE, SUMMARY_FILE
 
 if TYPE_CHECKING:
     from dlfs_cli.checkpoint import Checkpoint
@@ -80,7 +80,10 @@ def resume_config(composed: DictConfig, overrides: list[str], run_dir: Path) -> 
         raise DlfsError(f"resume={run_dir}: no such folder")
     config_file, summary_file = run_dir / CONFIG_FILE, run_dir / SUMMARY_FILE
     if not config_file.is_file() or not summary_file.is_file():
-        raise DlfsError(f"resume={run_dir}: not a dlfs run folder (no {CONFIG_FILE} or {SUMMARY_FILE})")
+        raise DlfsError(
+            f"resume={run_dir}: not a dlfs run folder (no {CONFIG_FILE} or {SUMMARY_FILE}), nor a sweep's folder "
+            f"(no {MULTIRUN_FILE}): name the run or the sweep itself"
+        )
     try:
         cfg = load_saved_config(config_file)
     except DlfsError as ex:

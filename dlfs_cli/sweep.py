@@ -46,7 +46,6 @@ SUMMARY_CSV = "summary.csv"
 SEEDS_CSV = "summary_seeds.csv"
 SWEEP_PNG = "sweep.png"  # sweep_figure.py
 STOP_FILE = ".stop"  # in the sweep folder while a signal stops the sweep: jobs that see it do not start
-MULTIRUN_FILE = "multirun.yaml"  # the sweep's config, as Hydra's basic sweeper saves it (and optuna_study)
 
 
 class SweepFolder(Callback):

@@ -23,15 +23,18 @@ from dlfs_cli import lifecycle, runlock
 from dlfs_cli.config import optuna_plugin
 from dlfs_cli.errors import DlfsError, exit_code_of
 from dlfs_cli.runs import OVERRIDES_FILE, Run, read_run
-from dlfs_cli.sweep import MULTIRUN_FILE, STOP_FILE, SweepFolder, is_optuna, job_folders, summarize
-from dlfs_cli.tracking import CONFIG_FILE, SUMMARY_FILE, console_log_handler, log
+from dlfs_cli.sweep import STOP_FILE, SweepFolder, is_optuna, job_folders, summarize
+from dlfs_cli.tracking import CONFIG_FILE, MULTIRUN_FILE, SUMMARY_FILE, console_log_handler, log
 
 NOT_AGAIN = ("completed", "diverged")
 
 
 def is_sweep_folder(folder: Path) -> bool:
-    """A sweep's root: no run of its own, and job folders (each with Hydra's overrides.yaml) under it."""
-    return folder.is_dir() and not (folder / SUMMARY_FILE).exists() and bool(job_folders(folder))
+    """A sweep's root, as a sweep made it: Hydra's multirun.yaml there, no run of its own, and job folders (each
+    with Hydra's overrides.yaml) under it. Any folder with runs somewhere below it was taken for one: resume=outputs
+    (a completion one folder short) re-ran every unfinished run of every model, and resume=/ searched the whole
+    file system; multirun.yaml is looked for first, so nothing else is searched."""
+    return (folder / MULTIRUN_FILE).is_file() and not (folder / SUMMARY_FILE).exists() and bool(job_folders(folder))
 
 
 def resume_sweep(folder: Path) -> tuple[list[Run], list[str] | None]:

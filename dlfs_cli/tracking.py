@@ -31,6 +31,7 @@ log = logging.getLogger("dlfs")
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
+MULTIRUN_FILE = "multirun.yaml"  # a sweep's root: its config, as Hydra's basic sweeper saves it (and optuna_study)
 LOG_FILE = "train.log"
 CHECKPOINT_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"  # logger=tensorboard: event files, beside metrics.csv

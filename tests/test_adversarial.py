@@ -196,6 +196,10 @@ CASES = [
     ("resume-bad-summary", ["train", "resume=badsummary"], 2, r"cannot read summary.json: a JSON list, not an obj"),
     ("from-bad-config", ["train", "from=badconfig", "hydra.run.dir=new"], 2, r"from=.*badconfig/config.yaml"),
     ("resume-not-a-run", ["train", "resume=mine"], 2, r"resume=mine: not a dlfs run folder"),
+    # a folder with runs below it is no sweep (it re-ran every unfinished run under it; resume=/ searched the
+    # whole file system): a sweep's folder is one a sweep made, with its multirun.yaml
+    ("resume-runs-below", ["train", "resume=."], 2, r"resume=\.: not a dlfs run folder .*, nor a sweep's folder"),
+    ("resume-root", ["train", "resume=/"], 2, r"resume=/: not a dlfs run folder"),
     ("resume-moved", ["train", "resume=run", "hydra.run.dir=elsewhere"], 2, r"resume= continues a run in its own"),
     ("resume-changes-model", ["train", "resume=run", "model.hidden_size=3"], 2, r"resume cannot change model"),
     # --- dlfs eval

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from dlfs_cli import cli, sweep
 from dlfs_cli.errors import DlfsError
+from dlfs_cli.tracking import MULTIRUN_FILE
 
 OPTUNA = "hydra_plugins.dlfs_optuna_sweeper.DlfsOptunaSweeper"  # the plugin's, its study kept with the sweep
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
@@ -325,7 +326,7 @@ def test_a_resume_runs_the_trials_left_with_the_sweeps_own_command(tmp_path: Pat
     sweeper = {"_target_": "hydra_plugins.dlfs_optuna_sweeper.DlfsOptunaSweeper"}
     sweeper["storage"] = "sqlite:///${hydra.sweep.dir}/optuna.db"
     config = {"hydra": {"sweep": {"dir": "old"}, "sweeper": sweeper, "overrides": overrides}}
-    OmegaConf.save(OmegaConf.create(config), folder / sweep.MULTIRUN_FILE)
+    OmegaConf.save(OmegaConf.create(config), folder / MULTIRUN_FILE)
     saved = sweep_resume.optuna_sweep(folder)
     assert saved is not None and saved.hydra.sweeper.storage == f"sqlite:///{folder.resolve()}/optuna.db"
     assert sweep_resume._command_of(folder, saved) == [
@@ -335,5 +336,5 @@ def test_a_resume_runs_the_trials_left_with_the_sweeps_own_command(tmp_path: Pat
         "optimizer.lr=tag(log, interval(1e-4, 1))", "model=boston",
     ]  # fmt: skip
     sweeper["_target_"] = BASIC_SWEEPER  # any other sweeper: its jobs are resumed, there is no study
-    OmegaConf.save(OmegaConf.create(config), folder / sweep.MULTIRUN_FILE)
+    OmegaConf.save(OmegaConf.create(config), folder / MULTIRUN_FILE)
     assert sweep_resume.optuna_sweep(folder) is None

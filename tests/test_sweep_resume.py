@@ -69,6 +69,7 @@ def test_a_sweep_finishes_what_failed_or_was_interrupted(run_here, make_cfg, tmp
 def test_resuming_a_sweep_takes_no_other_arguments(run_here, tmp_path: Path) -> None:
     (tmp_path / "sw" / "0" / ".hydra").mkdir(parents=True)
     (tmp_path / "sw" / "0" / ".hydra" / "overrides.yaml").write_text("- optimizer.lr=0.1\n")
+    (tmp_path / "sw" / "multirun.yaml").write_text("hydra: {}\n")  # a sweep made it
     out = run_here("train", "resume=sw", "trainer.epochs=5", cwd=tmp_path)
     assert out.returncode == 2 and "give no other arguments" in out.stderr
 
@@ -82,6 +83,7 @@ def test_a_malformed_job_and_a_stale_stop_file_do_not_stop_the_others(run_here, 
         (sweep / job / ".hydra" / "overrides.yaml").write_text("- optimizer.lr=0.01\n- trainer.epochs=1\n")
         (sweep / job / "summary.json").write_text('{"status": "interrupted"}\n')
     (sweep / "0" / "config.yaml").write_text("model: [unclosed\n")
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")  # a sweep made it
     (sweep / ".stop").write_text("15")
     out = run_here("train", "resume=sw", cwd=tmp_path)
     assert "Traceback" not in out.stderr + out.stdout, out.stderr
