@@ -56,26 +56,49 @@ class Run:
 
     def model(self, checkpoint: str = "last", device: str = "cpu") -> torch.nn.Module:
         """The trained model with the weights of checkpoints/<checkpoint>.pt, in eval mode."""
-        import torch
-
         from dlfs_cli.checkpoint import load_run_model
+        from dlfs_cli.distributed import resolve_device
 
-        model, _, _ = load_run_model(self.path, checkpoint, torch.device(device))
+        model, _, _ = load_run_model(self.path, checkpoint, resolve_device(device))  # "cuda" without CUDA: one line
         return model.eval()
 
 
 def compose_config(*overrides: str) -> DictConfig:
-    """The config `dlfs train OVERRIDES` would train with, composed and checked."""
+    """The config `dlfs train OVERRIDES` would train with, composed and checked (its interpolations too)."""
+    _refuse_command_line_keys(overrides)
     register_configs()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="train"):
             cfg = compose(config_name="train", overrides=list(overrides))
+        OmegaConf.to_container(cfg, resolve=True)  # ${nope} fails here, not half-way into a run
     except (HydraException, OmegaConfBaseException) as ex:
-        from dlfs_cli.cli import explain  # the CLI's one line, "did you mean" included
-
-        raise DlfsError(explain(ex)) from None
+        raise DlfsError(_explain(ex)) from None
     validate(cfg)
+    if cfg.trainer.nproc > 1:
+        raise DlfsError(
+            f"trainer.nproc={cfg.trainer.nproc}: api.train trains in this process; several processes are "
+            "`dlfs train trainer.nproc=N` (it starts torchrun)"
+        )
     return cfg
+
+
+def _refuse_command_line_keys(overrides: tuple[str, ...]) -> None:
+    """What only the command line can do is refused, naming the key: `resume=`, `hydra.run.dir=` and the other
+    Hydra settings were dropped without a word (api.train("resume=RUN") trained a fresh run from the defaults)."""
+    for override in overrides:
+        key = override.lstrip("+~").partition("=")[0].strip()
+        if key == "resume":
+            raise DlfsError("resume=: api.train starts a new run; continue one with `dlfs train resume=PATH`")
+        if key == "hydra.run.dir":
+            raise DlfsError("hydra.run.dir=: api.train takes the run's folder as run_dir=")
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")):
+            raise DlfsError(f"{key}=: Hydra's own settings are the command line's (dlfs train); api.train has none")
+
+
+def _explain(ex: BaseException) -> str:
+    from dlfs_cli.cli import explain  # the CLI's one line, "did you mean" included
+
+    return explain(ex)
 
 
 def train(*overrides: str, run_dir: str | Path | None = None, progress: bool = False) -> Run:

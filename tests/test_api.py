@@ -57,6 +57,37 @@ def test_runs_lists_them_and_errors_are_the_clis(tmp_path: Path) -> None:
         api.load_run(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("override", "said"),
+    [
+        (
+            "resume=outputs/boston/x",
+            r"^resume=: api.train starts a new run; continue one with `dlfs train resume=PATH`",
+        ),
+        ("hydra.run.dir=elsewhere", r"^hydra.run.dir=: api.train takes the run's folder as run_dir="),
+        ("hydra/launcher=joblib", r"^hydra/launcher=: Hydra's own settings are the command line's"),
+        ("++hydra.job.name=x", r"^hydra.job.name=: Hydra's own settings"),
+        ("trainer.nproc=2", r"^trainer.nproc=2: api.train trains in this process"),
+        ("seed=${nope}", r"^invalid value for seed: Interpolation key 'nope' not found"),
+        ("optimizer.lr=${oc.env:DLFS_TEST_UNSET}", r"^invalid value for optimizer.lr: .*DLFS_TEST_UNSET"),
+    ],
+)
+def test_what_only_the_command_line_does_is_refused_naming_the_key(override: str, said: str, tmp_path: Path) -> None:
+    """api.train accepts what `dlfs train` accepts with the same meaning, or raises DlfsError naming the key:
+    resume=, hydra.run.dir= and trainer.nproc= were dropped without a word (api.train("resume=RUN") trained a
+    fresh run from the defaults), and a failing interpolation raised OmegaConf's own error half-way into a run."""
+    with pytest.raises(DlfsError, match=said):
+        api.train(override, *QUICK, run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_model_asked_for_on_a_missing_device_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = api.train(*QUICK, "trainer.epochs=1", run_dir=tmp_path / "run")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DlfsError, match=r"^device=cuda: CUDA is not available on this machine"):
+        run.model(device="cuda")
+
+
 @pytest.mark.slow
 def test_the_readmes_python_example_runs_as_a_script(tmp_path: Path) -> None:
     block = re.search(r"## Python.*?```python\n(.*?)```", README.read_text(), re.S)
