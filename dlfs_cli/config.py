@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from enum import Enum
@@ -532,6 +533,16 @@ def _upgrade(plain: dict[str, Any]) -> dict[str, Any]:
         if isinstance(used, int) or "seed" not in plain:  # a saved config is resolved: an int
             plain["seed"] = used
     return plain
+
+
+def absolute_data_paths(cfg: DictConfig) -> None:
+    """A new run's data.path and data.root as absolute paths (~ expanded), in the config it saves: saved as
+    typed, a relative one named another file from another folder, and dlfs eval, resume= and from= there
+    said it did not exist."""
+    for key in ("path", "root"):
+        value = cfg.data.get(key)
+        if value:
+            cfg.data[key] = str(Path(os.path.expanduser(str(value))).absolute())
 
 
 def load_saved_config(path: Path) -> DictConfig:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dlfs_cli import __version__, distributed, layers, lifecycle, sweep
 from dlfs_cli.checkpoint import Checkpoint, config_hash
-from dlfs_cli.config import validate
+from dlfs_cli.config import absolute_data_paths, validate
 from dlfs_cli.data import DataBundle, DataInfo, build_data
 from dlfs_cli.distributed import World
 from dlfs_cli.errors import DlfsError, exit_code_of, os_error_message
@@ -41,6 +41,8 @@ def train(
     SIGINT, SIGTERM, SIGHUP, SIGUSR1 and SIGUSR2 stop it at the next safe point in any phase (see lifecycle.py)."""
     with lifecycle.stop_signals():
         validate(cfg)
+        if state is None:  # a new run's (a resume keeps the config its checkpoint was made with)
+            absolute_data_paths(cfg)
         world, device = _set_up(cfg, threads)
         reconstruct = cfg.model.name in RECONSTRUCTS
         data = build_data(cfg.data, cfg.trainer.batch_size, cfg.seed, device, reconstruct)

@@ -39,7 +39,29 @@ def load_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
             f"{path}: expected a header and at least 2 rows of {NUM_COLUMNS} columns "
             f"(13 features, then MEDV), found {table.shape[0]} rows of {table.shape[1]}"
         )
+    # numpy reads "nan" and "inf" as numbers: a run trained on them ended in "training diverged, try a lower
+    # optimizer.lr", which sent the user to the wrong place
+    bad = np.argwhere(~np.isfinite(table))
+    if len(bad):
+        row, column = (int(i) for i in bad[0])
+        raise DlfsError(
+            f"{path}: line {row + 2}, column {column + 1} is {table[row, column]}, not a finite number "
+            f"({len(bad)} such cells)"
+        )
+    if _is_data(path):
+        raise DlfsError(f"{path}: its first line is numbers, not a header (the first line is skipped as one)")
     return table[:, :-1], table[:, -1:]
+
+
+def _is_data(path: Path) -> bool:
+    """Whether the first line of a CSV is a row of numbers: a file without a header lost its first row."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        cells = f.readline().split(",")
+    try:
+        [float(c) for c in cells]
+    except ValueError:
+        return False
+    return True
 
 
 def split_indices(n: int, test_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -12,6 +12,7 @@ row j starts one character after row j - 1. The batch-mean final state is carrie
 from __future__ import annotations
 
 import gzip
+import zlib
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -34,7 +35,10 @@ def read_text(path: Path) -> str:
         raise DlfsError(f"data.path: no such file: {path}")
     raw = path.read_bytes()
     if path.suffix == ".gz":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as ex:  # truncated, not gzip at all, corrupt
+            raise DlfsError(f"{path}: not a gzip file that opens ({ex})") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as ex:
