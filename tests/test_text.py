@@ -245,3 +245,22 @@ def test_the_books_evaluation_starts_every_window_from_the_training_state() -> N
         book = torch.nn.functional.cross_entropy(out, windows[:, 1:]).item()
     assert carried["test_loss"] == pytest.approx(book, rel=1e-6)
     assert zeros["test_loss"] != pytest.approx(book, rel=1e-3)
+
+
+def test_sampling_runs_on_one_thread_and_gives_the_count_back() -> None:
+    """A model call per character is too small to share among threads: on a busy machine two threads took 17 ms
+    a character, one 0.4 ms. The process's count is put back (a run samples at its end; a sweep goes on)."""
+    seen: list[int] = []
+
+    class Counting(torch.nn.Module):
+        def forward(self, x: torch.Tensor, state=None):
+            seen.append(torch.get_num_threads())
+            return torch.zeros(1, 3, x.shape[1]), state
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert len(sample(Counting(), "abc", "a", 5, 1.0, 0, torch.device("cpu"))) == 6
+        assert seen == [1] * 6 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
