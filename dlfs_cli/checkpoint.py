@@ -16,7 +16,7 @@ import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import numpy as np
 import torch
@@ -70,12 +70,37 @@ class Checkpoint:
 def save_checkpoint(path: Path, state: Checkpoint) -> None:
     """Write atomically: a temporary file in the same folder, flushed and fsynced, then renamed over
     `path`. A failure (a full disk, say) leaves the previous checkpoint as it was."""
-    replace_atomically(
-        path,
-        lambda f: torch.save(state.to_dict(), f),
-        action="could not write checkpoint",
-        note="; the previous one is kept",
-    )
+
+    def write(f: BinaryIO) -> None:
+        kept = _KeepsWriteErrors(f)
+        try:
+            torch.save(state.to_dict(), cast(BinaryIO, kept))  # a file as far as torch.save goes
+        except RuntimeError:
+            # torch's writer turns the file's OSError (the disk is full) into a RuntimeError of its own, with
+            # neither the reason nor the file ("unexpected pos 704 vs 598") and 100 lines of traceback
+            if kept.error is not None:
+                raise kept.error from None
+            raise
+
+    replace_atomically(path, write, action="could not write checkpoint", note="; the previous one is kept")
+
+
+class _KeepsWriteErrors:
+    """A file for torch.save that keeps the first OSError of its writes."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as ex:
+            self.error = self.error or ex
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> Checkpoint:

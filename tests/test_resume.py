@@ -7,6 +7,8 @@ import errno
 import json
 import os
 import pickle
+import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -332,6 +334,27 @@ def test_a_full_disk_fails_the_run_and_keeps_the_previous_checkpoint(make_cfg, t
     assert summary(run)["status"] == "failed" and "last.pt" in summary(run)["error"]
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1  # the previous one
     assert not list((run / "checkpoints").glob(".*.tmp"))
+
+
+def test_a_checkpoint_that_torchs_own_writer_cannot_write_is_one_line(tmp_path: Path) -> None:
+    """A write that fails inside torch.save (a full disk, a file size limit) came out of torch's C++ writer as
+    a RuntimeError with neither reason nor file, and 100 lines of traceback. A real process, whose files may
+    not grow past 256 kB (RLIMIT_FSIZE): the digits CNN's checkpoint (about 1.4 MB) fails in torch's writer."""
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG) instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256_000, 256_000))
+
+    args = ["model=mnist_cnn", "data=digits", "trainer.epochs=1", "trainer.limit_batches=2", "figures.enabled=false"]
+    cmd = [sys.executable, "-m", "dlfs_cli", "train", *args, "device=cpu", "hydra.run.dir=run"]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, preexec_fn=small_files)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert re.fullmatch(
+        r"dlfs: error: could not write checkpoint .*/run/checkpoints/\w+\.pt: File too large; "
+        r"the previous one is kept\n",
+        out.stderr,
+    ), out.stderr
+    assert not list((tmp_path / "run" / "checkpoints").iterdir())  # no temporary file left
 
 
 def test_deterministic_switch_is_recorded(make_cfg, tmp_path: Path) -> None:
