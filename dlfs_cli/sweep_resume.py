@@ -139,15 +139,18 @@ def _run_again(job: Run) -> None:
             overrides = [str(o) for o in yaml.safe_load((job.path / OVERRIDES_FILE).read_text(encoding="utf-8")) or []]
         except (OSError, ValueError, TypeError, yaml.YAMLError) as ex:  # ValueError: not UTF-8
             raise DlfsError(f"cannot read {job.path / OVERRIDES_FILE}: {' '.join(str(ex).split())[:160]}") from None
-        train(compose_config(*(o for o in overrides if not o.startswith("hydra."))), job.path)
-    except DlfsError as ex:  # recorded in the job's summary.json by train(); the other jobs go on
-        if exit_code_of(ex) != 2 and lifecycle.requested() is not None:
+        train(compose_config(*(o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/")))), job.path)
+    except Exception as ex:  # recorded in the job's summary.json by train(); the other jobs go on, as in a sweep
+        # (a job that crashed again, with any error, ended the whole resume with a traceback: the jobs after it
+        # never ran and summary.csv was not made again)
+        if isinstance(ex, DlfsError) and exit_code_of(ex) != 2 and lifecycle.requested() is not None:
             return  # stopped by a signal: the loop ends
+        said = str(ex) if isinstance(ex, DlfsError) else f"{type(ex).__name__}: {(str(ex).splitlines() or [''])[0]}"
         if not (job.path / CONFIG_FILE).is_file():  # refused before it began: say why where the job is
             from dlfs_cli.summary import Summary
 
-            Summary.load(job.path / SUMMARY_FILE).update(status="failed", error=str(ex)).save(job.path / SUMMARY_FILE)
-        log.error("job %s: %s", job.job, ex)
+            Summary.load(job.path / SUMMARY_FILE).update(status="failed", error=said).save(job.path / SUMMARY_FILE)
+        log.error("job %s: %s", job.job, said)
 
 
 def _ranking(jobs: list[Run]) -> tuple[str, str]:

@@ -9,8 +9,10 @@ import shutil
 import signal
 from pathlib import Path
 
+import pytest
 import torch
 
+import dlfs_cli.train
 from dlfs_cli.data.boston import BUNDLED_CSV
 from dlfs_cli.train import train
 from dlfs_cli.trainer import Trainer
@@ -90,3 +92,31 @@ def test_a_malformed_job_and_a_stale_stop_file_do_not_stop_the_others(run_here, 
     assert out.returncode == 2 and "1 of the sweep's jobs did not complete" in out.stderr, out.stderr
     assert "cannot read" in out.stdout + out.stderr and "sw/0/config.yaml" in out.stdout + out.stderr
     assert status(sweep / "1") == "completed" and not (sweep / ".stop").exists()
+
+
+def test_a_job_that_crashes_again_is_recorded_and_the_others_run(
+    run_here, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job whose re-run crashed with anything but a DlfsError (a torch error, a bug) ended the whole resume
+    with a traceback: the jobs after it never ran and summary.csv was not made again. As in a sweep, it is
+    recorded, the others run, and the command exits 2."""
+    sweep = tmp_path / "sw"
+    for job in ("0", "1"):
+        (sweep / job / ".hydra").mkdir(parents=True)
+        (sweep / job / ".hydra" / "overrides.yaml").write_text("- trainer.epochs=1\n- trainer.limit_batches=2\n")
+        (sweep / job / "summary.json").write_text('{"status": "failed"}\n')
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")  # a sweep made it
+    real = dlfs_cli.train.train
+
+    def crashing(cfg, run_dir, *args, **kwargs):
+        if Path(run_dir).name == "0":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore lines")
+        return real(cfg, run_dir, *args, **kwargs)
+
+    monkeypatch.setattr(dlfs_cli.train, "train", crashing)
+    out = run_here("train", "resume=sw", cwd=tmp_path)
+    assert "Traceback" not in out.stderr + out.stdout, out.stderr
+    assert out.returncode == 2 and "1 of the sweep's jobs did not complete" in out.stderr, out.stderr
+    assert ": RuntimeError: CUDA error: an illegal memory access was encountered\n" in out.stdout  # its first line
+    assert status(sweep / "0") == "failed" and status(sweep / "1") == "completed"
+    assert (sweep / "summary.csv").is_file()
