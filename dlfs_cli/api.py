@@ -72,7 +72,9 @@ def compose_config(*overrides: str) -> DictConfig:
             cfg = compose(config_name="train", overrides=list(overrides))
         OmegaConf.to_container(cfg, resolve=True)  # ${nope} fails here, not half-way into a run
     except (HydraException, OmegaConfBaseException) as ex:
-        raise DlfsError(_explain(ex)) from None
+        from dlfs_cli.cli import explain  # the CLI's one line, "did you mean" included
+
+        raise DlfsError(explain(ex)) from None
     validate(cfg)
     if cfg.trainer.nproc > 1:
         raise DlfsError(
@@ -86,19 +88,24 @@ def _refuse_command_line_keys(overrides: tuple[str, ...]) -> None:
     """What only the command line can do is refused, naming the key: `resume=`, `hydra.run.dir=` and the other
     Hydra settings were dropped without a word (api.train("resume=RUN") trained a fresh run from the defaults)."""
     for override in overrides:
-        key = override.lstrip("+~").partition("=")[0].strip()
+        key = override_key(override)
         if key == "resume":
             raise DlfsError("resume=: api.train starts a new run; continue one with `dlfs train resume=PATH`")
         if key == "hydra.run.dir":
             raise DlfsError("hydra.run.dir=: api.train takes the run's folder as run_dir=")
-        if key == "hydra" or key.startswith(("hydra.", "hydra/")):
+        if is_hydra_setting(override):
             raise DlfsError(f"{key}=: Hydra's own settings are the command line's (dlfs train); api.train has none")
 
 
-def _explain(ex: BaseException) -> str:
-    from dlfs_cli.cli import explain  # the CLI's one line, "did you mean" included
+def override_key(override: str) -> str:
+    """The key of an override (`+`, `++` and `~` off)."""
+    return override.lstrip("+~").partition("=")[0].strip()
 
-    return explain(ex)
+
+def is_hydra_setting(override: str) -> bool:
+    """Whether an override sets Hydra itself (hydra.KEY, a hydra/GROUP), not the run."""
+    key = override_key(override)
+    return key == "hydra" or key.startswith(("hydra.", "hydra/"))
 
 
 def train(*overrides: str, run_dir: str | Path | None = None, progress: bool = False) -> Run:

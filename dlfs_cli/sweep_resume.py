@@ -121,7 +121,7 @@ def _command_of(folder: Path, saved: DictConfig) -> list[str]:
 
 def _run_again(job: Run) -> None:
     """One job: resumed in place from its last.pt, or trained from its recorded overrides."""
-    from dlfs_cli.api import compose_config
+    from dlfs_cli.api import compose_config, is_hydra_setting
     from dlfs_cli.config import load_saved_config
     from dlfs_cli.resume import prepare
     from dlfs_cli.train import train
@@ -139,7 +139,7 @@ def _run_again(job: Run) -> None:
             overrides = [str(o) for o in yaml.safe_load((job.path / OVERRIDES_FILE).read_text(encoding="utf-8")) or []]
         except (OSError, ValueError, TypeError, yaml.YAMLError) as ex:  # ValueError: not UTF-8
             raise DlfsError(f"cannot read {job.path / OVERRIDES_FILE}: {' '.join(str(ex).split())[:160]}") from None
-        train(compose_config(*(o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/")))), job.path)
+        train(compose_config(*(o for o in overrides if not is_hydra_setting(o))), job.path)
     except Exception as ex:  # recorded in the job's summary.json by train(); the other jobs go on, as in a sweep
         # (a job that crashed again, with any error, ended the whole resume with a traceback: the jobs after it
         # never ran and summary.csv was not made again)

@@ -61,13 +61,7 @@ def train(
         # Everything above can refuse the config; only now does the run folder get its files.
         start = time.time()
         run = _open_run(cfg, run_dir, state, device, world, model, data.info, live)
-        # the LSTM's own choice (layers.lstm_precision), said once
-        if (
-            cfg.trainer.precision == "bf16"
-            and device.type == "cpu"
-            and _has_lstm(model)
-            and not layers.cpu_has_bf16_lstm()
-        ):
+        if cfg.trainer.precision == "bf16" and _has_lstm(model) and layers.lstm_leaves_cpu_bf16(device):
             log.info(
                 "this CPU has no bfloat16 LSTM (oneDNN's needs AVX-512): the LSTM runs in float32, the rest in bf16"
             )

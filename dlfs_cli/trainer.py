@@ -268,7 +268,7 @@ class StopAgreement:
         """The stop that any rank asked for (None: none), and the next agreement's step, on every rank."""
         now = time.monotonic()
         per_step = (now - self.last_time) / max(step - self.last_step, 1)
-        proposal = min(self.log_every, max(1, int(self.AGREE_S / per_step) if per_step > 0 else self.log_every))
+        proposal = self.log_every if per_step <= 0 else min(self.log_every, max(1, int(self.AGREE_S / per_step)))
         stop, negated = world.max_ints([signum or 0, -proposal])  # the largest signal; the smallest interval
         self.last_step, self.last_time, self.next_step = step, now, step - negated
         return stop or None
