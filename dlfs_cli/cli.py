@@ -26,6 +26,7 @@ from dlfs_cli.config import (
     check_device,
     check_numbers,
     check_seed,
+    check_sweep_metric,
     conf_dir,
     register_configs,
     reject_unknown_keys,
@@ -93,6 +94,8 @@ def _train_job(cfg: DictConfig, run_dir: Path, multirun: bool) -> float | None:
         if multirun:
             sweep.check_not_stopped()
         validate(cfg)  # train() checks again; here it refuses a bad value before torch's ~2 s import
+        if multirun:
+            check_sweep_metric(cfg)  # a job of a sweep over the model, loss or data: before it trains
         if cfg.trainer.nproc > 1 and not _under_torchrun():
             if multirun:
                 raise DlfsError("trainer.nproc > 1 runs dlfs under torchrun: not as a job of a sweep (-m)")

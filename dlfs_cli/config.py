@@ -399,6 +399,43 @@ LOSSES = ("mse", "cross_entropy")
 # loss=mse was a shape traceback.
 MODEL_LOSS = {"boston": "mse", "autoencoder": "mse", "mnist_cnn": "cross_entropy", "lstm_charmodel": "cross_entropy"}
 LOSS_MEANS = {"mse": "its outputs are numbers to match", "cross_entropy": "its outputs are scores of classes"}
+# What an evaluation reports, per split (val_*, test_*): the loss's own metrics; a model of characters also bpc
+REGRESSION_METRICS = ["loss", "mse", "rmse", "mae"]
+CLASSIFICATION_METRICS = ["loss", "accuracy"]
+SEQUENCE_METRICS = ["loss", "bpc", "accuracy"]  # next-character prediction: loss in nats, bpc in bits
+SEQUENCE_DATA = ("text",)  # the data whose targets are sequences of characters
+
+
+def metric_names(loss_name: str, sequence: bool = False) -> list[str]:
+    if loss_name == "mse":
+        return REGRESSION_METRICS
+    return SEQUENCE_METRICS if sequence else CLASSIFICATION_METRICS
+
+
+def reported_metrics(cfg: DictConfig) -> list[str]:
+    """The metrics a run of `cfg` puts in summary.json: val_* with a validation split, then test_*."""
+    names = metric_names(cfg.loss.name, sequence=cfg.data.name in SEQUENCE_DATA)
+    splits = ["val", "test"] if cfg.data.val_fraction > 0 else ["test"]
+    return [f"{split}_{name}" for split in splits for name in names]
+
+
+def check_sweep_metric(cfg: DictConfig) -> None:
+    """-m: sweep.metric must be a metric the job reports, or the sweep cannot rank it (and an Optuna trial fails)."""
+    metric, known = str(cfg.sweep.metric), reported_metrics(cfg)
+    if metric in known:
+        return
+    why = ""
+    if metric.startswith("val_") and cfg.data.val_fraction == 0:
+        why = (
+            " (data.val_fraction=0, as in the book's presets: no validation split; "
+            "set data.val_fraction=0.1 or rank on test_*)"
+        )
+    raise DlfsError(
+        f"sweep.metric={metric} is not a metric of model={cfg.model.name} with loss={cfg.loss.name}{why}; "
+        f"it reports: {', '.join(known)}"
+    )
+
+
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 

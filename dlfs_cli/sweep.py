@@ -31,10 +31,10 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dlfs_cli import lifecycle
-from dlfs_cli.config import optuna_plugin
+from dlfs_cli.config import check_sweep_metric, optuna_plugin
 from dlfs_cli.errors import DlfsError, exit_code_of
 from dlfs_cli.runs import SEED_KEYS, Run, fmt, metric_keys, read_run, table_console, varying_keys
 from dlfs_cli.summary import Summary
@@ -70,10 +70,16 @@ class SweepFolder(Callback):
             from dlfs_cli.cli import UserError  # a SystemExit: Hydra's callbacks turn any Exception into a warning
 
             raise UserError("hydra/sweeper=optuna needs hydra-optuna-sweeper: pip install 'dlfs-cli[optuna]'")
+        try:
+            check_settings(config)
+        except DlfsError as ex:
+            from dlfs_cli.cli import UserError
+
+            raise UserError(str(ex), ex.exit_code) from None
         self.path = Path(str(config.hydra.sweep.dir))  # resolved once: ${now:} is cached by Hydra
         self.first_job = next_job(self.path)
         self.metric = str(config.sweep.metric)
-        self.direction = str(getattr(config.sweep.direction, "value", config.sweep.direction))
+        self.direction = _value(config.sweep.direction)
         SweepFolder.current = self
         lifecycle.on_request(self._stop)
 
@@ -91,6 +97,61 @@ class SweepFolder(Callback):
 
     def stopped(self) -> bool:
         return self.path is not None and (self.path / STOP_FILE).exists()
+
+
+# The keys that decide which metrics a job reports (config.reported_metrics): with one of them swept, each job
+# checks sweep.metric against its own config
+METRIC_KEYS = ("model", "loss", "data", "experiment")
+
+
+def check_settings(config: DictConfig) -> None:
+    """Before the first job: the sweep's own settings that cannot mean anything, refused in one line naming the
+    keys (each job's config is checked by the job). Under Optuna the study follows sweep.metric and
+    sweep.direction, as summary.csv does: a hydra.sweeper.direction of its own would optimise one way and rank
+    the other."""
+    swept = swept_keys(config)
+    if not any(key.split(".")[0] in METRIC_KEYS for key in swept):
+        check_sweep_metric(config)
+    sweeper, launcher = config.hydra.sweeper, config.hydra.launcher
+    if is_optuna(sweeper):
+        wanted = _direction(str(config.sweep.metric), _value(config.sweep.direction))
+        given = sweeper.get("direction")
+        if isinstance(given, ListConfig) or str(given) != wanted:
+            shown = OmegaConf.to_container(given) if isinstance(given, ListConfig) else given
+            raise DlfsError(
+                f"hydra.sweeper.direction={shown} contradicts sweep.direction={_value(config.sweep.direction)} "
+                f"({wanted} {config.sweep.metric}): the study and summary.csv both follow sweep.metric and "
+                "sweep.direction; set those instead"
+            )
+        _count("hydra.sweeper.n_trials", sweeper.get("n_trials"), "the trials of the study")
+        _count("hydra.sweeper.n_jobs", sweeper.get("n_jobs"), "trials proposed at once")
+        rate = sweeper.get("max_failure_rate")
+        if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 <= rate <= 1:
+            raise DlfsError(f"invalid value for hydra.sweeper.max_failure_rate: {rate!r} (a fraction in [0, 1])")
+    elif "BasicSweeper" in str(sweeper.get("_target_", "")) and sweeper.get("max_batch_size") is not None:
+        _count("hydra.sweeper.max_batch_size", sweeper.max_batch_size, "jobs launched at once, or null: all")
+    if "Joblib" in str(launcher.get("_target_", "")) and launcher.get("n_jobs") == 0:
+        raise DlfsError("invalid value for hydra.launcher.n_jobs: 0 (jobs at a time: >= 1, or -1 for one per core)")
+
+
+def _value(option: Any) -> str:
+    return str(getattr(option, "value", option))  # an Enum's value, as the config file spells it
+
+
+def _count(key: str, value: Any, meaning: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise DlfsError(f"invalid value for {key}: {value!r} (must be >= 1: {meaning})")
+
+
+def swept_keys(config: DictConfig) -> set[str]:
+    """The keys a sweep varies: its command line's sweep overrides (a,b,c, choice(...), interval(...)) and
+    an Optuna search space given as hydra.sweeper.params."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    keys = {o.key_or_group for o in parsed if o.is_sweep_override()}
+    params = config.hydra.sweeper.get("params") if is_optuna(config.hydra.sweeper) else None
+    return keys | {str(k) for k in (params or {})}
 
 
 def _start_loky_tracker() -> None:

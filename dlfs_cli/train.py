@@ -17,13 +17,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from dlfs_cli import __version__, distributed, layers, lifecycle, sweep
 from dlfs_cli.checkpoint import Checkpoint, config_hash
-from dlfs_cli.config import absolute_data_paths, validate
+from dlfs_cli.config import absolute_data_paths, metric_names, validate
 from dlfs_cli.data import DataBundle, DataInfo, build_data
 from dlfs_cli.distributed import World
 from dlfs_cli.errors import DlfsError, exit_code_of, os_error_message
 from dlfs_cli.models import RECONSTRUCTS, build_model
 from dlfs_cli.tracking import RunFolder, log, phase, print_config_tree, versions
-from dlfs_cli.trainer import Diverged, Trainer, metric_names
+from dlfs_cli.trainer import Diverged, Trainer
 
 
 def train(

@@ -22,16 +22,7 @@ from dlfs_cli.distributed import SINGLE, World, sum_dtype
 from dlfs_cli.errors import DlfsError
 from dlfs_cli.tracking import ProgressDisplay, RunFolder, log
 
-REGRESSION_METRICS = ["loss", "mse", "rmse", "mae"]
-CLASSIFICATION_METRICS = ["loss", "accuracy"]
-SEQUENCE_METRICS = ["loss", "bpc", "accuracy"]  # next-character prediction: loss in nats, bpc in bits
 PENDING_STEPS = 256  # per-step losses kept on the device between folds into the running sums (RunningLoss)
-
-
-def metric_names(loss_name: str, sequence: bool = False) -> list[str]:
-    if loss_name == "mse":
-        return REGRESSION_METRICS
-    return SEQUENCE_METRICS if sequence else CLASSIFICATION_METRICS
 
 
 class CarriedState:

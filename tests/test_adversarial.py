@@ -264,6 +264,47 @@ CASES = [
         2,
         r"cut\.txt\.gz: not a gzip file that",
     ),
+    # a sweep's own settings that cannot mean anything: refused before its folder is made
+    (
+        "sweep-direction-contradicts",
+        ["train", "-m", "hydra/sweeper=optuna", "hydra.sweeper.direction=maximize", "hydra.sweeper.n_trials=1"],
+        2,
+        r"hydra.sweeper.direction=maximize contradicts sweep.direction=auto \(minimize val_loss\)",
+    ),
+    (
+        "sweep-direction-list",
+        ["train", "-m", "hydra/sweeper=optuna", "hydra.sweeper.direction=[minimize,maximize]"],
+        2,
+        r"hydra.sweeper.direction=\['minimize', 'maximize'\] contradicts",
+    ),
+    (
+        "sweep-metric-unknown",
+        ["train", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2", "sweep.metric=val_accuracy"],
+        2,
+        r"sweep.metric=val_accuracy is not a metric of model=boston with loss=mse; it reports: val_loss",
+    ),
+    (
+        "sweep-metric-no-validation",
+        ["train", "-m", "seed=1,2", "experiment=book_boston"],
+        2,
+        r"sweep.metric=val_loss is not a metric .*data.val_fraction=0.*it reports: test_loss, test_mse",
+    ),
+    ("sweep-no-trials", ["train", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=0"], 2, r"n_trials: 0 \("),
+    ("sweep-trials-negative", ["train", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=-3"], 2, r"n_trials: -3"),
+    ("sweep-no-trial-jobs", ["train", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_jobs=0"], 2, r"n_jobs: 0"),
+    (
+        "sweep-failure-rate",
+        ["train", "-m", "hydra/sweeper=optuna", "hydra.sweeper.max_failure_rate=2"],
+        2,
+        r"max_failure_rate: 2 \(a fraction in \[0, 1\]\)",
+    ),
+    ("sweep-batch", ["train", "-m", "seed=1,2", "hydra.sweeper.max_batch_size=0"], 2, r"max_batch_size: 0"),
+    (
+        "sweep-joblib-none",
+        ["train", "-m", "seed=1,2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=0"],
+        2,
+        r"hydra.launcher.n_jobs: 0",
+    ),
     # --- dlfs reproduce
     ("reproduce-only", ["reproduce", "quick=true", "only=[nope]"], 2, r"only: unknown experiment nope"),
     ("reproduce-seeds", ["reproduce", "quick=true", "seeds=[]"], 2, r"seeds: give at least one seed"),

@@ -126,6 +126,21 @@ def test_jobs_that_fail_or_diverge_do_not_stop_the_others(run_here, tmp_path: Pa
     assert [r["status"] for r in rows] == ["completed", "diverged", "failed"]
 
 
+def test_a_sweep_over_the_model_checks_each_jobs_metric_before_it_trains(run_here, tmp_path: Path) -> None:
+    """sweep.metric=val_accuracy is a metric of the CNN, not of the Boston MLP: with the model swept the sweep
+    cannot refuse at its start, so the Boston job fails at once (no epoch), recorded, and the sweep exits 2."""
+    out = run_here(
+        "train", "-m", "model=mnist_cnn,boston", "data=digits", "trainer.epochs=1", "trainer.limit_batches=2",
+        "device=cpu", "figures.enabled=false", "sweep.metric=val_accuracy", "hydra.sweep.dir=sweep", cwd=tmp_path,
+    )  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr + out.stdout
+    assert "1 of the sweep's jobs did not complete (job 1 failed)" in out.stderr
+    rows = read_csv(tmp_path / "sweep" / "summary.csv")
+    assert [r["status"] for r in rows] == ["completed", "failed"]
+    assert "sweep.metric=val_accuracy is not a metric of model=boston with loss=mse" in rows[1]["error"]
+    assert not (tmp_path / "sweep" / "1" / "metrics.csv").exists()  # refused before training
+
+
 @pytest.mark.slow  # joblib's worker processes each import torch (~8 s)
 def test_jobs_that_fail_or_diverge_in_parallel_do_not_stop_the_others(run_here, tmp_path: Path) -> None:
     out = run_here(

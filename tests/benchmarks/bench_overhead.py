@@ -28,13 +28,13 @@ sys.path.insert(0, str(ROOT))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from dlfs_cli.config import TrainerConfig, conf_dir, register_configs  # noqa: E402
+from dlfs_cli.config import TrainerConfig, conf_dir, metric_names, register_configs  # noqa: E402
 from dlfs_cli.data import build_data  # noqa: E402
 from dlfs_cli.distributed import seed_everything  # noqa: E402
 from dlfs_cli.models import build_model  # noqa: E402
 from dlfs_cli.tracking import RunFolder  # noqa: E402
 from dlfs_cli.train import build_optimizer  # noqa: E402
-from dlfs_cli.trainer import Trainer, make_loss, metric_names  # noqa: E402
+from dlfs_cli.trainer import Trainer, make_loss  # noqa: E402
 
 register_configs()
 
