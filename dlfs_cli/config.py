@@ -201,6 +201,8 @@ class TextDataConfig(DataConfig):
     # zeros: each held-out window or stream starts from a zero state | carried: from the state carried
     # out of training, the batch mean (the book's evaluation, batching=book only)
     eval_state: EvalState = EvalState.zeros
+    # the longest text read (about one byte of memory a character): a larger file is refused in one line
+    max_chars: int = 1_000_000_000
 
 
 # --- optimizer -------------------------------------------------------------------------------
@@ -747,6 +749,7 @@ def validate(cfg: DictConfig) -> None:
             1 <= d.sequence_length <= SIZE_MAX, "data.sequence_length", d.sequence_length, f"between 1 and {SIZE_MAX}"
         )
         _check(0 < d.train_fraction < 1, "data.train_fraction", d.train_fraction, "a fraction in (0, 1)")
+        _check(d.max_chars >= 1, "data.max_chars", d.max_chars, "must be >= 1")
     if "num_workers" in d:
         _check(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be >= 0")
     _check(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "a fraction in [0, 1) (0: no validation)")

@@ -305,6 +305,19 @@ CASES = [
         2,
         r"hydra.launcher.n_jobs: 0",
     ),
+    # a text beyond the size limit is refused once it has read that much, not after reading it all
+    (
+        "text-too-long",
+        ["train", "model=lstm_charmodel", "data.max_chars=1000"],
+        2,
+        r"dlfs_book_input\.txt\.gz: more than data\.max_chars=1,000 characters; raise it",
+    ),
+    (
+        "text-max-chars",
+        ["train", "model=lstm_charmodel", "data.max_chars=0"],
+        2,
+        r"invalid value for data.max_chars: 0",
+    ),
     # --- dlfs reproduce
     ("reproduce-only", ["reproduce", "quick=true", "only=[nope]"], 2, r"only: unknown experiment nope"),
     ("reproduce-seeds", ["reproduce", "quick=true", "seeds=[]"], 2, r"seeds: give at least one seed"),

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import SMOKE
 
 from dlfs_cli import runs as runs_module
 from dlfs_cli.runs import TABLE_WIDTH, shorten
@@ -323,6 +324,52 @@ def test_a_long_path_is_shortened_in_its_middle() -> None:
     # the folder that tells the runs apart is kept in part rather than dropped whole
     assert shorten("repro/improved_lstm_charmodel/seed0", 26) == "repro/improv…armodel/seed0"
     assert len(shorten("a" * 50, 10)) == 10
+
+
+def test_the_table_drawn_by_hand_is_the_one_rich_draws(mixed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default table's rows are joined by hand when every column fits (rich's layout of 2,000 rows took a
+    second): the same characters as rich's Table, in a pipe and, colours aside, in a colour terminal."""
+    import contextlib
+    import re
+
+    from rich.console import Console
+
+    def printed(by_hand: bool, terminal: bool) -> str:
+        buffer = io.StringIO()
+        console = Console(
+            file=buffer, width=100, force_terminal=terminal, color_system="truecolor" if terminal else None
+        )
+        with monkeypatch.context() as m:
+            m.setattr(runs_module, "table_console", lambda: console)
+            if not by_hand:
+                m.setattr(runs_module, "_lines_that_fit", lambda *args: None)
+            with contextlib.redirect_stdout(buffer):
+                runs_module.list_runs([str(mixed)])
+        return buffer.getvalue()
+
+    plain = printed(True, False)
+    assert "│" in plain and plain == printed(False, False)
+    coloured = printed(True, True)
+    assert "\x1b[32mcompleted\x1b[0m" in coloured  # the status in its colour, as rich's table has it
+    no_colour = re.compile(r"\x1b\[[0-9;]*m")
+    assert no_colour.sub("", coloured) == no_colour.sub("", printed(False, True)) == plain
+
+
+def test_hydra_yaml_read_without_the_yaml_parser_says_what_the_parser_says(run_here, tmp_path: Path) -> None:
+    """`dlfs runs` reads a job's number and command from the lines Hydra writes; any other layout goes to the
+    YAML parser, which reads it or calls it unreadable."""
+    import yaml
+
+    smoke = [*SMOKE, "figures.enabled=false"]
+    assert run_here("train", "-m", "seed=1,2", *smoke, "hydra.sweep.dir=sweep", cwd=tmp_path).returncode == 0
+    assert run_here("train", *smoke, "hydra.run.dir=single", cwd=tmp_path).returncode == 0
+    texts = [(tmp_path / f / ".hydra" / "hydra.yaml").read_text() for f in ("sweep/0", "sweep/1", "single")]
+    read = [runs_module._job_as_hydra_writes_it(t) for t in texts]
+    parsed = [yaml.safe_load(t)["hydra"]["job"] for t in texts]
+    assert read == [(0, "train"), (1, "train"), (None, "train")]
+    assert read == [(j["num"] if isinstance(j["num"], int) else None, j["name"]) for j in parsed]
+    assert runs_module._job_as_hydra_writes_it("hydra:\n  job: {name: train, num: 3}\n") is None  # YAML's to read
+    assert runs_module._job_as_hydra_writes_it(texts[1].replace("    num: 1", "    num: [1]")) is None
 
 
 def one_line_error(out: Any) -> str:

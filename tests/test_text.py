@@ -3,6 +3,7 @@ errors, generation, and a smoke run through train() and `dlfs generate`."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import torch
 
 from dlfs_cli.config import DlfsError
 from dlfs_cli.data import build_data
-from dlfs_cli.data.text import BookBatches, StreamBatches, WindowBatches, encode, read_text, vocabulary
+from dlfs_cli.data import text as text_data
+from dlfs_cli.data.text import BookBatches, StreamBatches, WindowBatches, read_corpus
 from dlfs_cli.evaluate import evaluate_run
 from dlfs_cli.generate import sample
 from dlfs_cli.models import NextCharacterModel
@@ -27,9 +29,60 @@ def decoded(batches) -> list[tuple[list[str], list[str]]]:
     return [(letters(x), letters(y)) for x, y in batches]
 
 
-def test_vocabulary_is_sorted() -> None:
-    assert vocabulary("hello, world") == " ,dehlorw"
-    assert encode("cab", "abc").tolist() == [2, 0, 1]
+def encode(chars: str, vocab: str) -> torch.Tensor:
+    """Indices as read_corpus stores them: one byte each."""
+    return torch.tensor([vocab.index(c) for c in chars], dtype=torch.uint8)
+
+
+def test_a_corpus_is_its_sorted_vocabulary_and_one_byte_a_character(tmp_path: Path) -> None:
+    (tmp_path / "t.txt").write_text("hello, world")
+    vocab, ids = read_corpus(tmp_path / "t.txt", 100)
+    assert vocab == " ,dehlorw" and ids.dtype == torch.uint8
+    assert "".join(vocab[i] for i in ids.tolist()) == "hello, world"
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_a_corpus_read_in_pieces_cut_inside_characters_is_the_whole_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gz: bool
+) -> None:
+    """Pieces of 7 bytes cut the 2-, 3- and 4-byte characters of UTF-8; a vocabulary of 300 characters is
+    stored as int16; the indices are the text's, in code point order."""
+    monkeypatch.setattr(text_data, "CHUNK", 7)
+    chars = "Größe 日本語 🙂 naïve\r\n" * 5 + "".join(map(chr, range(0x400, 0x400 + 300)))
+    path = tmp_path / ("t.txt.gz" if gz else "t.txt")
+    path.write_bytes(gzip.compress(chars.encode()) if gz else chars.encode())
+    vocab, ids = read_corpus(path, len(chars))
+    assert vocab == "".join(sorted(set(chars))) and ids.dtype == torch.int16
+    assert "".join(vocab[i] for i in ids.tolist()) == chars
+
+
+def test_a_corpus_longer_than_max_chars_is_refused_before_it_is_read_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(text_data, "CHUNK", 10)
+    (tmp_path / "t.txt").write_text("a" * 100)
+    with pytest.raises(DlfsError, match=r"t\.txt: more than data\.max_chars=50 characters; raise it"):
+        read_corpus(tmp_path / "t.txt", 50)
+    assert read_corpus(tmp_path / "t.txt", 100)[1].numel() == 100
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"abc\xc3\xa9d\xffe", r"byte 6: b'\\xff'"), (b"abcdefgh\xe6\x97", "it ends inside a character: byte 8")],
+)
+def test_a_corpus_that_is_not_utf8_names_the_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: bytes, message: str
+) -> None:
+    monkeypatch.setattr(text_data, "CHUNK", 4)  # the bad byte in a later piece than the first
+    (tmp_path / "t.txt").write_bytes(content)
+    with pytest.raises(DlfsError, match=rf"t\.txt is not UTF-8 text \({message}"):
+        read_corpus(tmp_path / "t.txt", 100)
+
+
+@pytest.mark.parametrize("kind", [StreamBatches, BookBatches, WindowBatches])
+def test_batches_of_one_byte_indices_are_int64_for_the_model(kind) -> None:
+    x, y = next(iter(kind(encode(ALPHABET * 2, ALPHABET), batch_size=2, sequence_length=3)))
+    assert x.dtype == y.dtype == torch.int64
 
 
 def test_stream_batches_by_hand() -> None:
@@ -142,7 +195,7 @@ def test_text_file_errors_name_the_file(make_cfg, tmp_path: Path, content: bytes
     with pytest.raises(DlfsError, match=rf"my\.txt.*{message}|{message}.*my\.txt|my\.txt is"):
         build_data(make_cfg("model=lstm_charmodel", f"data.path={path}").data, 32, 0)
     with pytest.raises(DlfsError, match="no such file"):
-        read_text(tmp_path / "missing.txt")
+        read_corpus(tmp_path / "missing.txt", 100)
 
 
 def test_bundled_corpora_and_the_books_split(make_cfg) -> None:
@@ -200,7 +253,7 @@ def test_smoke_run_then_generate(run_here, make_cfg, tmp_path: Path, batching: s
     assert metrics["test_bpc"] == pytest.approx(metrics["test_loss"] / 0.6931471805599453)
     assert len((run / "samples.txt").read_text()) > 300
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    assert ckpt["vocab"] == vocabulary(text.read_text())
+    assert ckpt["vocab"] == "".join(sorted(set(text.read_text())))
     assert json.loads((run / "summary.json").read_text())["status"] == "completed"
     result = evaluate_run(run, "last")  # the config comes back typed (corpus, batching are enums)
     assert result["recomputed"] == result["recorded"] == metrics
@@ -238,7 +291,7 @@ def test_the_books_evaluation_starts_every_window_from_the_training_state() -> N
     )
     zeros = evaluate(model, WindowBatches(ids, 5, 6), "cross_entropy", torch.device("cpu"), training_state=state)
     assert all(torch.equal(a, b) for a, b in zip(state, kept, strict=True))
-    windows = WindowBatches(ids, 1000, 6).windows  # every window at once, as the notebook did
+    windows = WindowBatches(ids, 1000, 6).windows.long()  # every window at once, as the notebook did
     h, c = (s.mean(1, keepdim=True).expand(1, len(windows), 8).contiguous() for s in state)
     with torch.no_grad():
         out, _ = model(windows[:, :-1], (h, c))

@@ -11,12 +11,14 @@ row j starts one character after row j - 1. The batch-mean final state is carrie
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import zlib
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch import Tensor
@@ -29,33 +31,68 @@ CORPORA = Path(__file__).with_name("corpora")
 CORPUS_FILES = {"book": "dlfs_book_input.txt.gz", "tinyshakespeare": "tinyshakespeare.txt.gz"}
 
 
-def read_text(path: Path) -> str:
-    """The text of a UTF-8 file (gzip-compressed if its name ends in .gz); errors name the file."""
+CHUNK = 1 << 20  # bytes read at a time: a text is never held whole, neither as bytes nor as a str
+CODE_POINTS = 0x110000  # every Unicode character's code is below this
+
+
+def _pieces(path: Path) -> Iterator[str]:
+    """The text of a UTF-8 file (gzip-compressed if its name ends in .gz), a piece at a time; errors name the
+    file and the place."""
     if not path.is_file():
         raise DlfsError(f"data.path: no such file: {path}")
-    raw = path.read_bytes()
-    if path.suffix == ".gz":
-        try:
-            raw = gzip.decompress(raw)
-        except (EOFError, OSError, zlib.error) as ex:  # truncated, not gzip at all, corrupt
-            raise DlfsError(f"{path}: not a gzip file that opens ({ex})") from None
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    done = 0  # bytes of the (decompressed) text decoded so far
     try:
-        text = raw.decode("utf-8")
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            while block := f.read(CHUNK):
+                try:
+                    yield decoder.decode(block)
+                except UnicodeDecodeError as ex:  # ex.object: the bytes held back from the last block, then this
+                    at = done + len(block) - len(ex.object) + ex.start
+                    bad = ex.object[ex.start : ex.start + 1]
+                    raise DlfsError(f"{path} is not UTF-8 text (byte {at}: {bad!r})") from None
+                done += len(block)
+            decoder.decode(b"", final=True)  # a character cut off by the end of the file
     except UnicodeDecodeError as ex:
-        raise DlfsError(f"{path} is not UTF-8 text (byte {ex.start}: {raw[ex.start : ex.start + 1]!r})") from None
-    if not text:
+        raise DlfsError(
+            f"{path} is not UTF-8 text (it ends inside a character: byte {done - len(ex.object)})"
+        ) from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as ex:  # truncated, not gzip at all, corrupt
+        raise DlfsError(f"{path}: not a gzip file that opens ({ex})") from None
+
+
+def _codes(piece: str) -> np.ndarray:
+    return np.frombuffer(piece.encode("utf-32-le"), dtype="<u4")
+
+
+def read_corpus(path: Path, max_chars: int) -> tuple[str, Tensor]:
+    """A text file as its sorted vocabulary and its characters' indices into it, in about one byte per
+    character (a vocabulary of up to 256 characters; 2 or 4 beyond): two passes over the file, a piece at a
+    time, the first for the vocabulary and the length (refused beyond max_chars, before more is read), the
+    second for the indices. A text held as one Python string and a list of indices took ~27 bytes a character."""
+    seen, n = np.zeros(CODE_POINTS, dtype=bool), 0
+    for piece in _pieces(path):
+        codes = _codes(piece)
+        seen[codes] = True
+        n += len(codes)
+        if n > max_chars:
+            raise DlfsError(f"{path}: more than data.max_chars={max_chars:,} characters; raise it to train on it all")
+    if n == 0:
         raise DlfsError(f"{path} is empty")
-    return text
-
-
-def vocabulary(text: str) -> str:
-    """The sorted characters: the same indices in every process (set order depends on PYTHONHASHSEED)."""
-    return "".join(sorted(set(text)))
-
-
-def encode(text: str, vocab: str) -> Tensor:
-    index = {c: i for i, c in enumerate(vocab)}
-    return torch.tensor([index[c] for c in text], dtype=torch.int64)
+    known = np.flatnonzero(seen)
+    dtype = np.uint8 if len(known) <= 256 else np.int16 if len(known) <= 32768 else np.int32
+    index = np.zeros(CODE_POINTS, dtype=dtype)
+    index[known] = np.arange(len(known), dtype=dtype)
+    ids, at = np.empty(n, dtype=dtype), 0
+    for piece in _pieces(path):
+        codes = _codes(piece)
+        if at + len(codes) > n or not seen[codes].all():
+            raise DlfsError(f"{path} changed while it was read; read it again when it is written")
+        ids[at : at + len(codes)] = index[codes]
+        at += len(codes)
+    if at != n:
+        raise DlfsError(f"{path} changed while it was read; read it again when it is written")
+    return "".join(map(chr, known.tolist())), torch.from_numpy(ids)
 
 
 class StreamBatches:
@@ -76,7 +113,7 @@ class StreamBatches:
         last = self.streams.shape[1] - 1  # the final character of a stream is only ever a target
         for t in range(0, last, self.length):
             end = min(t + self.length, last)
-            yield self.streams[:, t:end], self.streams[:, t + 1 : end + 1]
+            yield self.streams[:, t:end].long(), self.streams[:, t + 1 : end + 1].long()
 
 
 class BookBatches:
@@ -98,7 +135,7 @@ class BookBatches:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for start in self.starts:
-            window = self.ids[self.rows + start]
+            window = self.ids[self.rows + start].long()
             yield window[:, :-1], window[:, 1:]
 
 
@@ -119,7 +156,7 @@ class WindowBatches:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for i in range(0, len(self.windows), self.batch):
-            window = self.windows[i : i + self.batch]
+            window = self.windows[i : i + self.batch].long()
             yield window[:, :-1], window[:, 1:]
 
 
@@ -127,22 +164,21 @@ def build(cfg: DictConfig, batch_size: int, seed: int, device: torch.device, rec
     if reconstruct:
         raise DlfsError("data=text has no images to reconstruct; use data=mnist or data=digits")
     path = Path(cfg.path).expanduser() if cfg.path else CORPORA / CORPUS_FILES[cfg.corpus.value]
-    text = read_text(path)
+    vocab, ids = read_corpus(path, cfg.max_chars)
     # the book's split, by position: [training | test]; the validation text is the end of the training part
-    n_train = int(len(text) * cfg.train_fraction)
+    n_train = int(len(ids) * cfg.train_fraction)
     n_val = int(n_train * cfg.val_fraction)
     L = cfg.sequence_length
-    parts = (("training", n_train - n_val), ("validation", n_val), ("test", len(text) - n_train))
+    parts = (("training", n_train - n_val), ("validation", n_val), ("test", len(ids) - n_train))
     for part, size in parts:
         if size < L + 1 and (size or part != "validation"):
             raise DlfsError(
-                f"{path}: {len(text)} characters leave {size} for the {part} part, shorter than one window "
+                f"{path}: {len(ids)} characters leave {size} for the {part} part, shorter than one window "
                 f"of data.sequence_length + 1 = {L + 1}"
             )
     if cfg.val_fraction and not n_val:
         raise too_few_to_validate("text", cfg.val_fraction, n_train)
-    vocab = vocabulary(text)
-    ids = encode(text, vocab).to(device)
+    ids = ids.to(device)
     train, val, test = ids[: n_train - n_val], ids[n_train - n_val : n_train], ids[n_train:]
     eval_rows = max(batch_size, 256)  # evaluation in big batches
     held_out: Callable[[Tensor], Batches]

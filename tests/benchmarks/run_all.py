@@ -28,6 +28,9 @@ BENCHMARKS = [
     ("bench_cli.py", 6, []),
     ("bench_overhead.py", 8, []),
     ("bench_sweep.py", 4, []),
+    ("bench_runs.py", 6, []),
+    ("bench_text_memory.py", 2, []),
+    ("bench_generate.py", 2, []),
     ("bench_lstm.py", 4, [SHARED / "bench" / "book_lstm.py", SHARED / "data" / "text"]),
     ("bench_mnist_epoch.py", 2, [SHARED / "bench" / "book_mnist.py", SHARED / "data" / "MNIST"]),
 ]
@@ -41,7 +44,8 @@ def load(name: str) -> dict:
 def targets() -> list[tuple[str, str, float | None, str, bool | None]]:
     """(what, measure, value, target, met) from the benchmarks' result files."""
     cli, mnist, cnn, mlp = load("cli"), load("mnist_epoch"), load("overhead_digits"), load("overhead_boston")
-    lstm, sweep = load("lstm"), load("sweep")
+    lstm, sweep, runs, text = load("lstm"), load("sweep"), load("runs"), load("text_memory")
+    sampling = load("generate")
 
     def side(table: dict, name: str, key: str) -> float | None:
         return table.get(name, {}).get(key)
@@ -57,6 +61,27 @@ def targets() -> list[tuple[str, str, float | None, str, bool | None]]:
             "`dlfs train --cfg job`", "s", side(cli, "dlfs train --cfg job", "seconds"), "<= 1.0 s", lambda v: v <= 1.0
         ),
         row("`dlfs runs` (20 runs)", "s", side(cli, "dlfs runs (20 runs)", "seconds"), "-", None),
+        row(
+            "`dlfs runs` (2,000 runs)",
+            "s, whole process",
+            side(runs, "dlfs runs (2,000 runs)", "seconds"),
+            "<= 2 s",
+            at_most(2.0),
+        ),
+        row(
+            "`dlfs generate`, both cores busy",
+            "ms a character",
+            side(sampling, "busy, one thread (dlfs)", "ms_per_char"),
+            "(reported)",
+            None,
+        ),
+        row(
+            "reading a 50 MB text (LSTM data)",
+            "bytes per character",
+            side(text, "build_data, plain", "bytes_per_char"),
+            "<= 4",
+            at_most(4.0),
+        ),
         row(
             "book MNIST epoch, fp32 default",
             "x book_mnist.py",
