@@ -510,11 +510,53 @@ def _from_run(args: list[str]) -> list[str]:
         if not o.lstrip("+~").startswith(("hydra.", "resume=", "from="))
         and o.lstrip("+~").partition("=")[0] not in given
     ]
+    kept = absolute_paths(kept, started_in(path))
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     handed = _quoted(OverridesParser.create(), f"+hydra.job.env_set.{FROM_ENV}", str(path.resolve()))
     at = args.index(next(a for a in args if a.startswith("from=")))  # among the overrides, after any option
     return [*rest[:at], *kept, *rest[at:], handed]
+
+
+# The keys that name files: a relative value is relative to the folder the command was given in
+PATH_KEYS = ("data.path", "data.root")
+
+
+def started_in(run: Path) -> Path | None:
+    """The folder a run's command was given in (Hydra's hydra.runtime.cwd), or None where it is not recorded."""
+    import yaml
+
+    try:
+        tree = yaml.load(
+            (run / ".hydra" / "hydra.yaml").read_text(encoding="utf-8"),
+            Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader),
+        )
+        cwd = tree["hydra"]["runtime"]["cwd"]
+    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):  # ValueError: not UTF-8
+        return None
+    return Path(cwd) if isinstance(cwd, str) and cwd else None
+
+
+def absolute_paths(overrides: list[str], started: Path | None) -> list[str]:
+    """A run's recorded overrides, to be composed again from another folder (from=, a sweep's resume): a
+    relative data.path or data.root made absolute against the folder the run was started in, as its
+    config.yaml holds it (composed as recorded, it named another file, or none)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if started is None:
+        return overrides
+    parser, out = OverridesParser.create(), []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+~") in PATH_KEYS and "${" not in value:
+            try:
+                text = parser.parse_override(override).value()
+            except HydraException:
+                text = None
+            if isinstance(text, str) and text and not Path(os.path.expanduser(text)).is_absolute():
+                override = _quoted(parser, key, str(started / text))
+        out.append(override)
+    return out
 
 
 def _check_from_run(cfg: DictConfig, source: Path) -> None:

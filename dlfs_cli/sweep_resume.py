@@ -109,19 +109,21 @@ def optuna_sweep(folder: Path) -> DictConfig | None:
 
 def _command_of(folder: Path, saved: DictConfig) -> list[str]:
     """The sweep's own `dlfs train -m` arguments, as Hydra recorded them, into `folder` as it is now."""
-    from dlfs_cli.cli import prepare_overrides
+    from dlfs_cli.cli import absolute_paths, prepare_overrides
 
     # as recorded: an interpolation in them (hydra.sweep.subdir=${hydra.job.num}) is the job's to resolve
     recorded = OmegaConf.to_container(saved.hydra.overrides, resolve=False)
     assert isinstance(recorded, dict)
     hydra = [o for o in recorded["hydra"] if o.partition("=")[0].lstrip("+~") not in ("hydra.sweep.dir", "hydra.mode")]
     here = prepare_overrides([f"hydra.sweep.dir={folder.resolve()}"], multirun=False)
-    return ["-m", *hydra, *here, *recorded["task"]]
+    started = OmegaConf.select(saved, "hydra.runtime.cwd", default=None)
+    return ["-m", *hydra, *here, *absolute_paths(recorded["task"], Path(started) if started else None)]
 
 
 def _run_again(job: Run) -> None:
     """One job: resumed in place from its last.pt, or trained from its recorded overrides."""
     from dlfs_cli.api import compose_config, is_hydra_setting
+    from dlfs_cli.cli import absolute_paths, started_in
     from dlfs_cli.config import load_saved_config
     from dlfs_cli.resume import prepare
     from dlfs_cli.train import train
@@ -139,6 +141,7 @@ def _run_again(job: Run) -> None:
             overrides = [str(o) for o in yaml.safe_load((job.path / OVERRIDES_FILE).read_text(encoding="utf-8")) or []]
         except (OSError, ValueError, TypeError, yaml.YAMLError) as ex:  # ValueError: not UTF-8
             raise DlfsError(f"cannot read {job.path / OVERRIDES_FILE}: {' '.join(str(ex).split())[:160]}") from None
+        overrides = absolute_paths(overrides, started_in(job.path))  # run again from wherever resume= is given
         train(compose_config(*(o for o in overrides if not is_hydra_setting(o))), job.path)
     except Exception as ex:  # recorded in the job's summary.json by train(); the other jobs go on, as in a sweep
         # (a job that crashed again, with any error, ended the whole resume with a traceback: the jobs after it

@@ -386,6 +386,25 @@ def test_a_relative_data_path_is_saved_absolute(world: Path, dlfs, run_here) -> 
     (world / "elsewhere").mkdir()
     out = run_here("eval", "run=../rel", cwd=world / "elsewhere")
     assert out.returncode == 0, out.stderr
+    # from=: composed again from the recorded overrides (data.path=data/mine.csv), which name the file from where
+    # the run was started
+    out = run_here("train", "from=../rel", "hydra.run.dir=again", cwd=world / "elsewhere")
+    assert out.returncode == 0, out.stderr
+    assert f"path: {world / 'data' / 'mine.csv'}" in (world / "elsewhere" / "again" / "config.yaml").read_text()
+
+
+def test_a_sweep_with_a_relative_data_path_is_resumed_from_another_folder(world: Path, run_here) -> None:
+    """A job killed before it wrote anything is run again from its recorded overrides: its relative data.path
+    is the file next to where the sweep was started, not one next to where resume= is given."""
+    (world / "mine.csv").write_text(BOSTON_CSV.read_text())
+    out = run_here("train", "-m", "seed=1,2", *SMOKE, "data.path=mine.csv", "hydra.sweep.dir=sw", cwd=world)
+    assert out.returncode == 0, out.stderr
+    for name in ("summary.json", "config.yaml", "metrics.csv"):  # as if killed before it began
+        (world / "sw" / "1" / name).unlink()
+    (world / "elsewhere").mkdir()
+    out = run_here("train", "resume=../sw", cwd=world / "elsewhere")
+    assert out.returncode == 0, out.stderr
+    assert json.loads((world / "sw" / "1" / "summary.json").read_text())["status"] == "completed"
 
 
 def test_a_malformed_summary_never_hides_the_other_runs(world: Path, dlfs) -> None:
