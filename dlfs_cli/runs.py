@@ -687,6 +687,7 @@ def _print_table(
         [shorten(text, room) if room and c.name == "run" else text for c, text in ((c, c.cell(r)) for c in shown)]
         for r in runs
     ]
+    lines = _lines_that_fit(shown, cells, runs, fit) if fit is not None and runs else None
     table = Table(box=box.HEAVY_HEAD, show_edge=False, pad_edge=False)
     for c in shown:
         table.add_column(
@@ -695,7 +696,7 @@ def _print_table(
             no_wrap=fit is not None,
             overflow="ellipsis" if fit else "fold",
         )
-    for run, row in zip(runs, cells, strict=True):
+    for run, row in zip(runs, cells, strict=True) if lines is None else ():
         table.add_row(
             *(_styled(run.status) if c.name == "status" else escape(t) for c, t in zip(shown, row, strict=True))
         )
@@ -709,8 +710,7 @@ def _print_table(
     if columns.started_date and any(c.name == "started" for c in shown):
         title += f", started on {columns.started_date}"
     console.print(title, markup=False, highlight=False, width=fit)
-    lines = _lines_that_fit(shown, cells, runs, fit) if fit is not None and runs else None
-    if lines is not None:
+    if lines is not None:  # the rows joined by hand
         console.print("\n".join(lines), highlight=False, soft_wrap=True)
     elif runs:
         console.print(table, width=fit)

@@ -69,7 +69,7 @@ def read_corpus(path: Path, max_chars: int) -> tuple[str, Tensor]:
     """A text file as its sorted vocabulary and its characters' indices into it, in about one byte per
     character (a vocabulary of up to 256 characters; 2 or 4 beyond): two passes over the file, a piece at a
     time, the first for the vocabulary and the length (refused beyond max_chars, before more is read), the
-    second for the indices. A text held as one Python string and a list of indices took ~27 bytes a character."""
+    second for the indices. Held as one Python string and a list of indices, it took 18-27 bytes a character."""
     seen, n = np.zeros(CODE_POINTS, dtype=bool), 0
     for piece in _pieces(path):
         codes = _codes(piece)
