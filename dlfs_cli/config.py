@@ -438,6 +438,7 @@ def check_sweep_metric(cfg: DictConfig) -> None:
     )
 
 
+FIGURE_ROW_MAX = 100  # images in a row of the autoencoder's figures (the book's: 8 and 5)
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
@@ -776,6 +777,8 @@ def validate(cfg: DictConfig) -> None:
     f = cfg.figures
     for key in ("tsne_points", "reconstructions", "random_codes"):
         _check(f[key] >= 0, f"figures.{key}", f[key], "must be >= 0")
+    for key in ("reconstructions", "random_codes"):  # one row of images each: 100000 took 10 minutes and 12 GB
+        _check(f[key] <= FIGURE_ROW_MAX, f"figures.{key}", f[key], f"one row of a figure: at most {FIGURE_ROW_MAX}")
     if d.get("split_seed") is not None:
         check_seed("data.split_seed", d.split_seed)
     # every other count (steps, epochs, workers, processes, points): 2**31 - 1 at most, like the sizes above

@@ -3,7 +3,7 @@ the book's autoencoder pictures (figure 7-3 reconstructions, 7-4 t-SNE of the co
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import cast
 
@@ -29,17 +29,21 @@ def make_figures(
     loss_name: str,
     cfg,
     device: torch.device,
+    between: Callable[[], None] = lambda: None,
 ) -> list[Path]:
-    """Every figure that fits this run; returns the files written."""
+    """Every figure that fits this run; returns the files written. `between`: called after each figure (a
+    stop signal is honoured there, not after the last)."""
     out = run_dir / FIGURES_DIR
     out.mkdir(exist_ok=True)
     written = [loss_curves(run_dir / METRICS_FILE, out / "loss_curves.png", cfg.model.name)]
+    between()
     model.eval()
     if loss_name == "cross_entropy" and test_labels is not None:  # labelled images, not characters
         y_true, y_pred = _predictions(model, test_loader, device)
         written.append(confusion_matrix(y_true, y_pred, out / "confusion_matrix.png"))
+        between()
     if hasattr(model, "encoder") and hasattr(model, "decoder"):
-        written += autoencoder_figures(model, test_loader, test_labels, cfg.figures, cfg.seed, device, out)
+        written += autoencoder_figures(model, test_loader, test_labels, cfg.figures, cfg.seed, device, out, between)
     for path in written:
         log.info("figure %s", path)
     return written
@@ -87,6 +91,7 @@ def autoencoder_figures(
     seed: int,
     device: torch.device,
     out: Path,
+    between: Callable[[], None] = lambda: None,
 ) -> list[Path]:
     originals, reconstructions, codes = [], [], []
     seen = 0
@@ -114,9 +119,11 @@ def autoencoder_figures(
                 out / "reconstructions.png",
             )
         )
+        between()
     if cfg.tsne_points and labels is not None:
         all_codes = torch.cat(codes)[: cfg.tsne_points].numpy()
         written.append(tsne(all_codes, labels[: len(all_codes)].cpu().numpy(), seed, out / "tsne.png"))
+        between()
     if cfg.random_codes:
         written.append(
             _image_rows(

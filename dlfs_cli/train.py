@@ -6,9 +6,11 @@ with the state that resume.prepare() read from the run's last.pt.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -197,9 +199,10 @@ def _extras(
     """What follows the training: the figures, and a text sample of a character model."""
     if cfg.figures.enabled:
         tsne = f", a t-SNE map of {cfg.figures.tsne_points:,} codes" if cfg.model.name == "autoencoder" else ""
+        stop_here = functools.partial(lifecycle.check, "while the figures were drawn; last.pt saved", hint)
         with phase(f"drawing the figures{tsne}"):
-            _figures(run, cfg, model, data, device)
-        lifecycle.check("while the figures were drawn; last.pt saved", hint)
+            _figures(run, cfg, model, data, device, stop_here)
+        stop_here()
     if data.info.vocab is not None:
         _sample(run, cfg, model, data.info.vocab, device)
         lifecycle.check("while the text sample was made; last.pt saved", hint)
@@ -222,13 +225,17 @@ def _record_failure(run: RunFolder, ex: BaseException) -> str:
     return "interrupted" if exit_code_of(ex) > 128 else "failed"  # a stop signal honoured: 128 + N
 
 
-def _figures(run: RunFolder, cfg: DictConfig, model: torch.nn.Module, data, device: torch.device) -> None:
+def _figures(
+    run: RunFolder, cfg: DictConfig, model: torch.nn.Module, data, device: torch.device, between: Callable[[], None]
+) -> None:
     """Pictures are a by-product: one that fails is reported, and the trained run stays completed."""
     from dlfs_cli.figures import make_figures  # matplotlib: only runs that draw pay for it
 
     try:
-        files = make_figures(run.path, model, data.test, data.test_labels, cfg.loss.name, cfg, device)
+        files = make_figures(run.path, model, data.test, data.test_labels, cfg.loss.name, cfg, device, between)
         run.update_summary(figures=[str(p.relative_to(run.path)) for p in files])
+    except lifecycle.Stopped:  # a stop signal between two figures: the run is interrupted, not its figures failed
+        raise
     except Exception as ex:  # noqa: BLE001
         log.warning("figures failed: %s: %s", type(ex).__name__, ex)
         run.update_summary(figures_error=f"{type(ex).__name__}: {ex}")

@@ -318,6 +318,12 @@ CASES = [
         2,
         r"invalid value for data.max_chars: 0",
     ),
+    (
+        "figure-row",
+        ["train", "model=autoencoder", "data=digits", "figures.random_codes=100000"],
+        2,
+        r"invalid value for figures.random_codes: 100000 \(one row of a figure: at most 100\)",
+    ),
     # --- dlfs reproduce
     ("reproduce-only", ["reproduce", "quick=true", "only=[nope]"], 2, r"only: unknown experiment nope"),
     ("reproduce-seeds", ["reproduce", "quick=true", "seeds=[]"], 2, r"seeds: give at least one seed"),

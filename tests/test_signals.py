@@ -131,6 +131,18 @@ def test_a_signal_while_the_figures_are_drawn(
     assert (run / "figures" / "loss_curves.png").exists()
 
 
+def test_a_signal_during_one_figure_stops_before_the_next(
+    dlfs, process_handlers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The autoencoder draws four figures; a signal during the first (the loss curves) is honoured before the
+    second: a long figure phase (a t-SNE map, many images) no longer runs to its end after a stop."""
+    monkeypatch.setattr(dlfs_cli.figures, "loss_curves", raising(signal.SIGTERM, dlfs_cli.figures.loss_curves))
+    run = tmp_path / "run"
+    args = [*QUICK, "model=autoencoder", "data=digits", "figures.tsne_points=50"]
+    run_interrupted_then_resumed(dlfs, process_handlers, run, args, 143, "while the figures were drawn")
+    assert sorted(p.name for p in (run / "figures").iterdir()) == ["loss_curves.png"]
+
+
 def test_a_signal_while_the_sample_is_made(
     dlfs, process_handlers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
