@@ -13,6 +13,7 @@ Errors are DlfsError with the CLI's one-line messages (an unknown key, a folder 
 from __future__ import annotations
 
 import csv
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +24,11 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dlfs_cli.config import conf_dir, register_configs, typed_config, validate
+from dlfs_cli.config import check_device, conf_dir, load_saved_config, register_configs, validate
 from dlfs_cli.errors import DlfsError
 from dlfs_cli.runs import find_runs
 from dlfs_cli.summary import Summary
-from dlfs_cli.system import check_system, outputs_root
+from dlfs_cli.system import check_run_environment, check_system, outputs_root
 from dlfs_cli.tracking import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 
 if TYPE_CHECKING:
@@ -51,31 +52,40 @@ class Run:
 
     def history(self) -> list[dict[str, Any]]:
         """metrics.csv's rows (split train | val | test), numbers as numbers and missing cells as None."""
-        with open(self.path / METRICS_FILE, newline="") as f:
-            return [{k: _number(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
+        path = self.path / METRICS_FILE
+        try:
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                return [{k: _number(k, v, path, reader.line_num) for k, v in row.items()} for row in reader]
+        except (OSError, UnicodeDecodeError, csv.Error) as ex:
+            raise DlfsError(f"{path}: unreadable: {' '.join(str(ex).split())[:160]}") from None
 
     def model(self, checkpoint: str = "last", device: str = "cpu") -> torch.nn.Module:
         """The trained model with the weights of checkpoints/<checkpoint>.pt, in eval mode."""
         from dlfs_cli.checkpoint import load_run_model
         from dlfs_cli.distributed import resolve_device
 
+        check_device(device)  # device="tpu": the CLI's one line, not torch's RuntimeError
         model, _, _ = load_run_model(self.path, checkpoint, resolve_device(device))  # "cuda" without CUDA: one line
         return model.eval()
 
 
 def compose_config(*overrides: str) -> DictConfig:
     """The config `dlfs train OVERRIDES` would train with, composed and checked (its interpolations too)."""
+    for override in overrides:
+        if not isinstance(override, str):
+            raise DlfsError(f"overrides are KEY=VALUE texts, as on the command line: got {override!r}")
     _refuse_command_line_keys(overrides)
     register_configs()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3", job_name="train"):
             cfg = compose(config_name="train", overrides=list(overrides))
         OmegaConf.to_container(cfg, resolve=True)  # ${nope} fails here, not half-way into a run
-    except (HydraException, OmegaConfBaseException) as ex:
+        validate(cfg)
+    except (HydraException, OmegaConfBaseException) as ex:  # ~model: a value that is missing
         from dlfs_cli.cli import explain  # the CLI's one line, "did you mean" included
 
         raise DlfsError(explain(ex)) from None
-    validate(cfg)
     if cfg.trainer.nproc > 1:
         raise DlfsError(
             f"trainer.nproc={cfg.trainer.nproc}: api.train trains in this process; several processes are "
@@ -112,6 +122,7 @@ def train(*overrides: str, run_dir: str | Path | None = None, progress: bool = F
     """Train as `dlfs train OVERRIDES` does, into `run_dir` (default: outputs/<model>/<timestamp>, or under
     $DLFS_OUTPUTS), a new or empty folder; returns the run, read back. progress: a live progress bar."""
     check_system()
+    check_run_environment()
     from dlfs_cli import runlock
     from dlfs_cli.train import train as train_run  # torch: only when something trains
 
@@ -127,6 +138,8 @@ def train(*overrides: str, run_dir: str | Path | None = None, progress: bool = F
 
 def load_run(path: str | Path) -> Run:
     """A run folder: its summary.json and config.yaml."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise DlfsError(f"load_run takes a run folder's path: got {path!r}")
     folder = Path(path)
     if not (folder / SUMMARY_FILE).is_file():
         raise DlfsError(f"{folder}: not a run folder (no {SUMMARY_FILE})")
@@ -134,20 +147,30 @@ def load_run(path: str | Path) -> Run:
         summary = Summary.load(folder / SUMMARY_FILE)
     except (OSError, ValueError) as ex:
         raise DlfsError(f"{folder / SUMMARY_FILE}: unreadable ({ex})") from None
-    config = typed_config(OmegaConf.load(folder / CONFIG_FILE)) if (folder / CONFIG_FILE).is_file() else None
+    config = load_saved_config(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else None
     return Run(folder, config, summary)
 
 
-def runs(root: str | Path = "outputs") -> list[Run]:
-    """Every run folder under `root` (as `dlfs runs` finds them), oldest first."""
-    found = [load_run(r.path) for r in find_runs(Path(root)) if (r.path / SUMMARY_FILE).is_file()]
+def runs(root: str | Path | None = None) -> list[Run]:
+    """Every run folder under `root` (default: outputs/, or $DLFS_OUTPUTS, as `dlfs runs`), oldest first. A run
+    whose files cannot be read is there too, with `summary.status` "unreadable" and the reason in its error."""
+    found = []
+    for r in find_runs(outputs_root() if root is None else Path(root)):
+        if (r.path / SUMMARY_FILE).is_file():
+            try:
+                found.append(load_run(r.path))
+            except DlfsError as ex:  # one malformed folder never hides the others (`dlfs runs` lists it too)
+                found.append(Run(r.path, None, Summary(status="unreadable", error=str(ex))))
     return sorted(found, key=lambda r: (r.summary.started_at or "", str(r.path)))
 
 
-def _number(key: str, cell: str | None) -> Any:
+def _number(key: str, cell: str | None, path: Path, line: int) -> Any:
     if cell is None or cell == "":
         return None
     if key == "split":
         return cell
-    number = float(cell)
+    try:
+        number = float(cell)
+    except ValueError:
+        raise DlfsError(f"{path}: line {line}, column {key} is {cell!r}, not a number") from None
     return int(number) if key in ("epoch", "step") else number

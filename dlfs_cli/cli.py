@@ -33,7 +33,7 @@ from dlfs_cli.config import (
     validate,
 )
 from dlfs_cli.errors import DlfsError, exit_code_of, os_error_message
-from dlfs_cli.system import check_system, outputs_root
+from dlfs_cli.system import check_run_environment, check_system
 
 if TYPE_CHECKING:
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -697,8 +697,8 @@ def _main(argv: list[str] | None) -> None:
     command, rest = args[0], args[1:]
     try:
         check_system()
-        if command in ("train", "reproduce"):  # they write runs under it (their configs read it)
-            outputs_root()
+        if command in ("train", "reproduce"):  # they write runs (their configs read these variables)
+            check_run_environment()
     except DlfsError as ex:
         _fail(str(ex))
     if command in ("-sc", "--shell-completion") and rest[:1] and rest[0].startswith("query="):

@@ -473,6 +473,9 @@ class TrainConfig:
     resume: str | None = None
 
 
+TRAIN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
 SCHEMAS: dict[str, dict[str, type]] = {
     "model": {
         "boston": BostonModelConfig,
@@ -667,9 +670,18 @@ def check_seed(key: str, value: int) -> None:
     _check(0 <= value <= SEED_MAX, key, value, f"a seed is between 0 and {SEED_MAX}")
 
 
+def check_train_keys(cfg: DictConfig) -> None:
+    """Every key of a train config is there: ~verbose and ~sweep, keys deleted on the command line, were read
+    only once the run's folder was made, or after it had trained."""
+    for name in TRAIN_KEYS:
+        if name not in cfg:
+            raise DlfsError(f"~{name}: dlfs train needs {name}; set it (e.g. {name}=...) instead of deleting it")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check value ranges that types cannot express; raises DlfsError naming the key."""
     reject_unknown_keys(cfg)
+    check_train_keys(cfg)
     check_numbers(cfg)
     check_seed("seed", cfg.seed)
     t = cfg.trainer

@@ -41,8 +41,7 @@ from torch import Tensor
 
 from dlfs_cli.config import TrainerConfig
 from dlfs_cli.errors import DlfsError
-
-STAMP_ENV = "DLFS_RUN_STAMP"  # conf/train.yaml's hydra.run.dir uses it when set
+from dlfs_cli.system import STAMP_ENV
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dlfs_cli import lifecycle
-from dlfs_cli.config import check_sweep_metric, optuna_plugin
+from dlfs_cli.config import check_sweep_metric, check_train_keys, optuna_plugin
 from dlfs_cli.errors import DlfsError, exit_code_of
 from dlfs_cli.runs import SEED_KEYS, Run, fmt, metric_keys, read_run, table_console, varying_keys
 from dlfs_cli.summary import Summary
@@ -109,7 +109,11 @@ def check_settings(config: DictConfig) -> None:
     keys (each job's config is checked by the job). Under Optuna the study follows sweep.metric and
     sweep.direction, as summary.csv does: a hydra.sweeper.direction of its own would optimise one way and rank
     the other."""
+    check_train_keys(config)  # ~verbose: every job would fail on it
     swept = swept_keys(config)
+    ranking = sorted(key for key in swept if key.split(".")[0] == "sweep")
+    if ranking:  # every job would rank by the first's: summary.csv ranks by one metric, in one direction
+        raise DlfsError(f"{ranking[0]} is how the sweep ranks its jobs: give it one value, not a sweep over values")
     if not any(key.split(".")[0] in METRIC_KEYS for key in swept):
         check_sweep_metric(config)
     sweeper, launcher = config.hydra.sweeper, config.hydra.launcher

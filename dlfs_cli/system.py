@@ -18,6 +18,8 @@ from pathlib import Path
 from dlfs_cli.errors import DlfsError
 
 OUTPUTS_ENV = "DLFS_OUTPUTS"  # where runs go (conf/train.yaml and conf/reproduce.yaml read it too)
+STAMP_ENV = "DLFS_RUN_STAMP"  # a run folder's name under torchrun, rank 0's timestamp (conf/train.yaml)
+TORCHRUN_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK")  # set by torchrun for each rank
 
 
 def check_system() -> None:
@@ -35,3 +37,24 @@ def outputs_root() -> Path:
     if value is not None and not value.strip():
         raise DlfsError(f"{OUTPUTS_ENV} is empty: unset it (runs go to outputs/) or name a folder in it")
     return Path(value if value is not None else "outputs")
+
+
+def check_run_environment() -> None:
+    """What a command that writes runs takes from the environment, checked before anything is written: the
+    outputs folder, the run folder's name (an empty DLFS_RUN_STAMP made the model's folder itself the run, and
+    `../..` put it outside the outputs), and torchrun's numbers (a malformed one was a ValueError traceback)."""
+    outputs_root()
+    stamp = os.environ.get(STAMP_ENV)
+    if stamp is not None and (not stamp.strip() or stamp in (".", "..") or "/" in stamp or os.sep in stamp):
+        raise DlfsError(f"{STAMP_ENV}={stamp!r}: a run folder's name (torchrun's ranks share it); unset it")
+    numbers = {}
+    for name in TORCHRUN_ENV:
+        value = os.environ.get(name)
+        if value is not None:
+            if not value.strip().isdigit():
+                raise DlfsError(f"{name}={value!r}: torchrun sets it to a number; unset it outside torchrun")
+            numbers[name] = int(value)
+    if numbers.get("WORLD_SIZE", 1) > 1 and "RANK" not in numbers:
+        raise DlfsError(f"WORLD_SIZE={numbers['WORLD_SIZE']} without RANK: run it under torchrun, or unset WORLD_SIZE")
+    if "RANK" in numbers and numbers["RANK"] >= numbers.get("WORLD_SIZE", 1) > 1:
+        raise DlfsError(f"RANK={numbers['RANK']} is not below WORLD_SIZE={numbers['WORLD_SIZE']}")

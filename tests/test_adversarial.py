@@ -63,6 +63,8 @@ def world(tmp_path: Path, finished_run: Path, monkeypatch: pytest.MonkeyPatch) -
         lines[0] + lines[1] + "0.1,nan," + lines[2].split(",", 2)[2] + "".join(lines[3:20])
     )
     (tmp_path / "noheader.csv").write_text("".join(lines[1:20]))
+    (tmp_path / "huge.csv").write_text(lines[0] + "".join(lines[1:20]).replace(",24\n", ",1e39\n", 1))
+    (tmp_path / "huger.csv").write_text(lines[0] + "1e308," + "".join(lines[1:20]).split(",", 1)[1])
     whole = gzip.compress(("to be or not to be " * 200).encode())
     (tmp_path / "cut.txt.gz").write_bytes(whole[: len(whole) // 2])
     for name, file, text in (("badconfig", "config.yaml", ": : :\n"), ("badsummary", "summary.json", "[1]\n")):
@@ -252,6 +254,8 @@ CASES = [
     ("loss-lstm", ["train", "model=lstm_charmodel", "loss=mse"], 2, r"use loss=cross_entropy$"),
     # data are checked as data: every cell finite, a header that is one, an archive that opens
     ("csv-nan", ["train", "data.path=nan.csv"], 2, r"nan\.csv: line 3, column 2 is nan, not a finite number"),
+    ("csv-float32", ["train", "data.path=huge.csv"], 2, r"huge\.csv: line 2, column 14 is 1e\+39, beyond float32's"),
+    ("csv-float32-feature", ["train", "data.path=huger.csv"], 2, r"huger\.csv: line 2, column 1 is 1e\+308, beyond"),
     (
         "csv-no-header",
         ["train", "data.path=noheader.csv"],
@@ -264,6 +268,12 @@ CASES = [
         2,
         r"cut\.txt\.gz: not a gzip file that",
     ),
+    # a key deleted that the run reads only after its folder is made (~verbose) or after it trained (~sweep)
+    ("delete-verbose", ["train", "~verbose"], 2, r"~verbose: dlfs train needs verbose; set it"),
+    ("delete-sweep", ["train", "~sweep"], 2, r"~sweep: dlfs train needs sweep; set it"),
+    ("delete-sweep-m", ["train", "-m", "seed=1,2", "~verbose"], 2, r"~verbose: dlfs train needs verbose"),
+    ("sweep-the-ranking", ["train", "-m", "sweep.metric=val_loss,val_mae"], 2, r"sweep.metric is how the sweep ranks"),
+    ("sweep-the-direction", ["train", "-m", "sweep.direction=minimize,maximize"], 2, r"sweep.direction is how"),
     # a sweep's own settings that cannot mean anything: refused before its folder is made
     (
         "sweep-direction-contradicts",
@@ -378,6 +388,30 @@ def test_an_empty_outputs_folder_from_the_environment_is_refused(
     from dlfs_cli import api
 
     with pytest.raises(DlfsError, match=r"^DLFS_OUTPUTS is empty"):
+        api.train(*SMOKE)
+    assert snapshot(world) == before
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "said"),
+    [
+        ("DLFS_RUN_STAMP", "", r"DLFS_RUN_STAMP='': a run folder's name"),  # the model's folder was the run
+        ("DLFS_RUN_STAMP", "../../escaped", r"DLFS_RUN_STAMP='../../escaped': a run folder's name"),
+        ("WORLD_SIZE", "abc", r"WORLD_SIZE='abc': torchrun sets it to a number"),  # a ValueError traceback
+        ("WORLD_SIZE", "2", r"WORLD_SIZE=2 without RANK: run it under torchrun"),  # a KeyError traceback
+        ("RANK", "x", r"RANK='x': torchrun sets it to a number"),
+    ],
+)
+def test_the_environment_a_run_reads_is_checked_before_anything_is_written(
+    world: Path, dlfs, monkeypatch: pytest.MonkeyPatch, variable: str, value: str, said: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    before = snapshot(world)
+    for args in (["train", *SMOKE], ["train", "-m", "seed=1,2", *SMOKE], ["reproduce", "quick=true"]):
+        assert_one_line_error(dlfs(*args), 2, said)
+    from dlfs_cli import api
+
+    with pytest.raises(DlfsError, match=said):
         api.train(*SMOKE)
     assert snapshot(world) == before
 

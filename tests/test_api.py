@@ -70,6 +70,9 @@ def test_runs_lists_them_and_errors_are_the_clis(tmp_path: Path) -> None:
         ("trainer.nproc=2", r"^trainer.nproc=2: api.train trains in this process"),
         ("seed=${nope}", r"^invalid value for seed: Interpolation key 'nope' not found"),
         ("optimizer.lr=${oc.env:DLFS_TEST_UNSET}", r"^invalid value for optimizer.lr: .*DLFS_TEST_UNSET"),
+        ("~verbose", r"^~verbose: dlfs train needs verbose"),  # read only after the run's folder was made
+        ("~sweep", r"^~sweep: dlfs train needs sweep"),  # read only after the run had trained
+        ("~model", r"^~model: dlfs train needs model"),
     ],
 )
 def test_what_only_the_command_line_does_is_refused_naming_the_key(override: str, said: str, tmp_path: Path) -> None:
@@ -96,3 +99,31 @@ def test_the_readmes_python_example_runs_as_a_script(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "mean test_mse over 3 seeds" in out.stdout
+
+
+def test_every_error_of_the_api_is_a_dlfs_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a script gets wrong, and what it finds malformed, is a DlfsError naming it, as on the command line:
+    these were TypeError, yaml's ParserError, ValueError and torch's RuntimeError."""
+    run = api.train(*QUICK, "trainer.epochs=1", run_dir=tmp_path / "outputs" / "run")
+    with pytest.raises(DlfsError, match=r"^overrides are KEY=VALUE texts, as on the command line: got 5"):
+        api.compose_config(5)  # type: ignore[arg-type]
+    with pytest.raises(DlfsError, match=r"^load_run takes a run folder's path: got 5"):
+        api.load_run(5)  # type: ignore[arg-type]
+    with pytest.raises(DlfsError, match=r"^invalid value for device: 'tpu'"):
+        run.model(device="tpu")
+    metrics = run.path / "metrics.csv"
+    rows = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([rows[0], rows[1].replace(rows[1].split(",")[-1], "x", 1), *rows[2:]]) + "\n")
+    with pytest.raises(DlfsError, match=r"metrics\.csv: line 2, column \w+ is 'x', not a number"):
+        run.history()
+    bad = tmp_path / "outputs" / "bad"
+    api.train(*QUICK, "trainer.epochs=1", run_dir=bad)
+    (bad / "config.yaml").write_text("model: [\n")
+    with pytest.raises(DlfsError, match=r"cannot read .*bad/config\.yaml"):
+        api.load_run(bad)
+    # one malformed run never hides the others, and the default folder is $DLFS_OUTPUTS's, as for `dlfs runs`
+    monkeypatch.setenv("DLFS_OUTPUTS", str(tmp_path / "outputs"))
+    monkeypatch.chdir(tmp_path.parent)
+    listed = {r.path.name: r.summary for r in api.runs()}
+    assert listed["run"].status == "completed" and listed["bad"].status == "unreadable"
+    assert "config.yaml" in (listed["bad"].error or "")

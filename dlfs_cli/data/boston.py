@@ -39,15 +39,15 @@ def load_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
             f"{path}: expected a header and at least 2 rows of {NUM_COLUMNS} columns "
             f"(13 features, then MEDV), found {table.shape[0]} rows of {table.shape[1]}"
         )
-    # numpy reads "nan" and "inf" as numbers: a run trained on them ended in "training diverged, try a lower
-    # optimizer.lr", which sent the user to the wrong place
-    bad = np.argwhere(~np.isfinite(table))
+    # numpy reads "nan" and "inf" as numbers, and 1e39 as a float64 that float32, the run's precision, holds as
+    # inf: a run trained on them ended in "training diverged, try a lower optimizer.lr", the wrong place to look
+    with np.errstate(over="ignore"):
+        bad = np.argwhere(~np.isfinite(table.astype(np.float32)))
     if len(bad):
         row, column = (int(i) for i in bad[0])
-        raise DlfsError(
-            f"{path}: line {row + 2}, column {column + 1} is {table[row, column]}, not a finite number "
-            f"({len(bad)} such cells)"
-        )
+        value = table[row, column]
+        what = "not a finite number" if not np.isfinite(value) else "beyond float32's range (|x| < 3.4e38)"
+        raise DlfsError(f"{path}: line {row + 2}, column {column + 1} is {value}, {what} ({len(bad)} such cells)")
     if _is_data(path):
         raise DlfsError(f"{path}: its first line is numbers, not a header (the first line is skipped as one)")
     return table[:, :-1], table[:, -1:]
