@@ -25,7 +25,7 @@ from typing import Any
 from hydra import compose
 from omegaconf import DictConfig
 
-from dlfs_cli.config import Direction
+from dlfs_cli.config import Direction, reported_metrics
 from dlfs_cli.errors import DlfsError, exit_code_of
 from dlfs_cli.runs import fmt
 from dlfs_cli.summary import Summary
@@ -143,6 +143,7 @@ def reproduce(cfg: DictConfig, out: Path) -> int:
     repeated = sorted({seed for seed in cfg.seeds if list(cfg.seeds).count(seed) > 1})
     if repeated:
         raise DlfsError(f"seeds: {', '.join(map(str, repeated))} given more than once; each seed runs once")
+    _check_metrics(cfg, targets)
     out.mkdir(parents=True, exist_ok=True)
 
     book = [_experiment(cfg, out, t.experiment, t) for t in targets]
@@ -156,6 +157,18 @@ def reproduce(cfg: DictConfig, out: Path) -> int:
     if cfg.quick:  # tiny data: the numbers mean nothing, only that everything ran
         return 0 if all(r.status == "completed" for r in book + improved) else 1
     return 0 if all(r.in_band for r in book) else 1
+
+
+def _check_metrics(cfg: DictConfig, targets: list[Any]) -> None:
+    """Each target's metric is one its experiments report: targets.N.metric=test_nope trained them all, then
+    failed."""
+    for t in targets:
+        for name in [t.experiment, *([t.improved] if cfg.improved and t.improved else [])]:
+            overrides = [f"experiment={name}", *(cfg.quick_overrides.get(name, []) if cfg.quick else [])]
+            known = reported_metrics(compose(config_name="train", overrides=overrides))
+            if t.metric not in known:
+                reports = ", ".join(known)
+                raise DlfsError(f"targets: {t.experiment}'s metric {t.metric} is not one {name} reports: {reports}")
 
 
 def _experiment(cfg: DictConfig, out: Path, name: str, target: Any) -> Result:

@@ -88,16 +88,33 @@ def train(
             log.info("completed: %s", " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             return metrics
         except BaseException as ex:
+            memory = _out_of_memory(ex, device)
             with lifecycle.shielded():  # a second signal here would leave the status at "failed"
-                status = _record_failure(run, ex)
+                status = _record_failure(run, memory or ex)
             if isinstance(ex, OSError):  # a write of the run's that is not ours (figures, tensorboard): one line
                 raise DlfsError(os_error_message(ex, "could not write")) from None
+            if memory is not None:
+                raise memory from None
             raise
         finally:
             stop_listening()
             with lifecycle.shielded():
                 run.update_summary_quietly(status=status, duration_s=round(duration_before + time.time() - start, 3))
                 run.close()
+
+
+def _out_of_memory(ex: BaseException, device: torch.device) -> DlfsError | None:
+    """Running out of memory is the sizes' doing, not a bug: one line (torch's CPU allocator raises a
+    RuntimeError, CUDA's an OutOfMemoryError, Python a MemoryError), not a traceback."""
+    said = str(ex)
+    if not isinstance(ex, MemoryError) and not (
+        isinstance(ex, RuntimeError) and ("out of memory" in said.lower() or "can't allocate memory" in said)
+    ):
+        return None
+    first = (said.splitlines() or [type(ex).__name__])[0][:200]
+    return DlfsError(
+        f"out of memory on {device} ({first}): try a smaller trainer.batch_size, model or data.sequence_length"
+    )
 
 
 def _set_up(cfg: DictConfig, threads: int | None) -> tuple[World, torch.device]:

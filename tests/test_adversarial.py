@@ -268,6 +268,9 @@ CASES = [
         2,
         r"cut\.txt\.gz: not a gzip file that",
     ),
+    # a run or a sweep written inside a run's folder: hidden from dlfs runs, mixed with that run's files
+    ("run-in-a-run", ["train", "hydra.run.dir=run/checkpoints/nested"], 2, r"is inside the run folder .*/run: choose"),
+    ("sweep-in-a-run", ["train", "-m", "seed=1,2", "hydra.sweep.dir=run/sw"], 2, r"hydra.sweep.dir=run/sw is inside"),
     # a key deleted that the run reads only after its folder is made (~verbose) or after it trained (~sweep)
     ("delete-verbose", ["train", "~verbose"], 2, r"~verbose: dlfs train needs verbose; set it"),
     ("delete-sweep", ["train", "~sweep"], 2, r"~sweep: dlfs train needs sweep; set it"),
@@ -343,6 +346,12 @@ CASES = [
     ("reproduce-existing", ["reproduce", "quick=true", "hydra.run.dir=repro"], 2, r"already holds a reproduction"),
     ("reproduce-users-files", ["reproduce", "quick=true", "hydra.run.dir=mine"], 2, r"is not empty"),
     ("reproduce-seed-negative", ["reproduce", "quick=true", "seeds=[-1]"], 2, r"seed"),
+    (
+        "reproduce-metric",
+        ["reproduce", "quick=true", "only=[book_boston]", "targets.0.metric=test_nope"],
+        2,
+        r"targets: book_boston's metric test_nope is not one book_boston reports: test_loss",
+    ),
 ]
 
 

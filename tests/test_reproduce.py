@@ -221,11 +221,14 @@ def test_dlfs_runs_lists_the_runs_inside_a_reproduction(quick, capsys) -> None:
     assert "8 run(s)" in text and "repro/book_boston/seed0" in text  # not the reproduction's folder itself
 
 
-def test_a_metric_the_runs_lack_fails_its_row_and_a_report_is_not_overwritten(run_here, tmp_path: Path) -> None:
+def test_a_metric_the_runs_do_not_report_is_refused_and_a_report_is_not_overwritten(run_here, tmp_path: Path) -> None:
+    """targets.N.metric that the experiment does not report trained every run, then failed (exit 1): it is
+    refused before anything is written."""
     args = ["reproduce", "quick=true", "only=[book_boston]", "improved=false", "hydra.run.dir=repro"]
     out = run_here(*args, "targets.0.metric=test_accuracy", cwd=tmp_path)
-    assert out.returncode == 1 and "Traceback" not in out.stderr
-    (entry,) = json.loads((tmp_path / "repro" / "report.json").read_text())["experiments"]
-    assert entry["status"].startswith("failed: no test_accuracy in the runs' metrics")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "targets: book_boston's metric test_accuracy is not one book_boston reports: test_loss" in out.stderr
+    assert not (tmp_path / "repro").exists()
+    assert run_here(*args, cwd=tmp_path).returncode == 0
     again = run_here(*args, cwd=tmp_path)
     assert again.returncode == 2 and "repro already holds a reproduction (report.json)" in again.stderr

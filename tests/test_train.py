@@ -221,6 +221,36 @@ def test_divergence_stops_the_run_and_says_so(make_cfg, tmp_path: Path) -> None:
     assert summary["status"] == "diverged" and "diverged" in summary["error"]
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
+            "to allocate 2684354560 bytes. Error code 12 (Cannot allocate memory)"
+        ),
+        MemoryError(),
+    ],
+    ids=["torch-cpu-allocator", "python"],
+)
+def test_running_out_of_memory_is_one_line_and_a_failed_run(
+    run_here, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: BaseException
+) -> None:
+    """Out of memory in a training step (a vocabulary of 20,000 characters under a memory limit) was torch's
+    traceback, twice: it is the sizes' doing, said in one line, and the run is recorded failed with it."""
+    from dlfs_cli.trainer import Trainer
+
+    def short_of_memory(self, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(Trainer, "fit", short_of_memory)
+    out = run_here("train", *SMOKE, "hydra.run.dir=run", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr + out.stdout, out.stderr
+    (line,) = out.stderr.splitlines()
+    assert line.startswith("dlfs: error: out of memory on cpu (") and "try a smaller trainer.batch_size" in line
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"].startswith("out of memory on cpu")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_without_cuda_is_refused_before_anything_is_written(make_cfg, tmp_path: Path) -> None:
     with pytest.raises(DlfsError, match="CUDA is not available"):
