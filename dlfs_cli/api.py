@@ -56,7 +56,7 @@ class Run:
         try:
             with open(path, newline="") as f:
                 reader = csv.DictReader(f)
-                return [{k: _number(k, v, path, reader.line_num) for k, v in row.items()} for row in reader]
+                return [_row(row, path, reader.line_num) for row in reader]
         except (OSError, UnicodeDecodeError, csv.Error) as ex:
             raise DlfsError(f"{path}: unreadable: {' '.join(str(ex).split())[:160]}") from None
 
@@ -164,6 +164,12 @@ def runs(root: str | Path | None = None) -> list[Run]:
     return sorted(found, key=lambda r: (r.summary.started_at or "", str(r.path)))
 
 
+def _row(row: dict[Any, Any], path: Path, line: int) -> dict[str, Any]:
+    if None in row:  # csv's key for the cells beyond the header's
+        raise DlfsError(f"{path}: line {line} has more cells than the header")
+    return {key: _number(key, cell, path, line) for key, cell in row.items()}
+
+
 def _number(key: str, cell: str | None, path: Path, line: int) -> Any:
     if cell is None or cell == "":
         return None
@@ -171,6 +177,6 @@ def _number(key: str, cell: str | None, path: Path, line: int) -> Any:
         return cell
     try:
         number = float(cell)
-    except ValueError:
+        return int(number) if key in ("epoch", "step") else number
+    except (ValueError, OverflowError):  # not a number; an epoch of nan or 1e400
         raise DlfsError(f"{path}: line {line}, column {key} is {cell!r}, not a number") from None
-    return int(number) if key in ("epoch", "step") else number

@@ -26,6 +26,9 @@ from dlfs_cli.tracking import CHECKPOINT_DIR, replace_atomically
 
 FORMAT_VERSION = 2
 DEFINING = ("model", "data", "loss")  # the config sections that define what the weights mean
+# keys of those sections that bound how the data are read, not what they are: out of the hash, so that a run saved
+# before the key existed resumes (its saved config gets the key's default)
+NOT_DEFINING = {"data": ("max_chars",)}
 
 
 @dataclass
@@ -186,6 +189,10 @@ def load_weights(model: torch.nn.Module, weights: dict[str, Any], path: Path) ->
 def config_hash(config: dict[str, Any]) -> str:
     """A hash of the config sections that define the model and its data."""
     defining = {k: config.get(k) for k in DEFINING}
+    for section, keys in NOT_DEFINING.items():
+        values = defining.get(section)
+        if isinstance(values, dict):
+            defining[section] = {k: v for k, v in values.items() if k not in keys}
     return hashlib.sha256(json.dumps(defining, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -181,7 +181,7 @@ def check_new_folder(folder: Path, key: str) -> None:
     if folder.exists() and not folder.is_dir():
         raise DlfsError(f"{key}={folder}: a file, not a folder; choose another {key}")
     for above in Path(os.path.abspath(folder)).parents:  # a run written inside another was hidden from dlfs runs
-        if (above / "summary.json").is_file():
+        if (above / "summary.json").is_file() and ((above / "config.yaml").is_file() or (above / ".hydra").is_dir()):
             raise DlfsError(f"{key}={folder} is inside the run folder {above}: choose a folder outside it")
     if not folder.is_dir():
         return

@@ -730,6 +730,10 @@ def _lines_that_fit(shown: list[Column], cells: list[list[str]], runs: list[Run]
     """The table rich would draw (box.HEAVY_HEAD, no outer edge) when every column fits whole in `fit`, as
     markup lines joined by hand: rich's own layout of 2,000 rows took a second of `dlfs runs`. None when a
     column has to be cut short (a terminal narrower than the table): rich does that."""
+    from rich.emoji import Emoji
+
+    if any(not text.isprintable() or Emoji.replace(text) != text for row in cells for text in row):
+        return None  # a line break, a tab, an :emoji: code: rich draws what it makes of them
     widths = [max([cell_len(c.header or c.name), *(cell_len(row[i]) for row in cells)]) for i, c in enumerate(shown)]
     if sum(widths) + 3 * (len(widths) - 1) > fit:
         return None

@@ -149,12 +149,12 @@ def _count(key: str, value: Any, meaning: str) -> None:
 
 def swept_keys(config: DictConfig) -> set[str]:
     """The keys a sweep varies: its command line's sweep overrides (a,b,c, choice(...), interval(...)) and
-    an Optuna search space given as hydra.sweeper.params."""
+    those of hydra.sweeper.params (a search space in a config file)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
     keys = {o.key_or_group for o in parsed if o.is_sweep_override()}
-    params = config.hydra.sweeper.get("params") if is_optuna(config.hydra.sweeper) else None
+    params = config.hydra.sweeper.get("params")  # the basic sweeper's too (Hydra 1.2+)
     return keys | {str(k) for k in (params or {})}
 
 

@@ -47,11 +47,11 @@ def check_run_environment() -> None:
     stamp = os.environ.get(STAMP_ENV)
     if stamp is not None and (not stamp.strip() or stamp in (".", "..") or "/" in stamp or os.sep in stamp):
         raise DlfsError(f"{STAMP_ENV}={stamp!r}: a run folder's name (torchrun's ranks share it); unset it")
-    numbers = {}
-    for name in TORCHRUN_ENV:
+    numbers: dict[str, int] = {}
+    for name in TORCHRUN_ENV:  # RANK and LOCAL_RANK alone mean nothing (runlock.torchrun_rank): WORLD_SIZE first
         value = os.environ.get(name)
-        if value is not None:
-            if not value.strip().isdigit():
+        if value is not None and (name == "WORLD_SIZE" or numbers.get("WORLD_SIZE", 1) > 1):
+            if not (value.strip().isascii() and value.strip().isdecimal()):
                 raise DlfsError(f"{name}={value!r}: torchrun sets it to a number; unset it outside torchrun")
             numbers[name] = int(value)
     if numbers.get("WORLD_SIZE", 1) > 1 and "RANK" not in numbers:

@@ -47,8 +47,14 @@ def train(
             absolute_data_paths(cfg)
         world, device = _set_up(cfg, threads)
         reconstruct = cfg.model.name in RECONSTRUCTS
-        data = build_data(cfg.data, cfg.trainer.batch_size, cfg.seed, device, reconstruct)
-        model, trained = _build_model(cfg, data.info, device, world)
+        try:  # the data and the model take memory too, before the run's folder has its files
+            data = build_data(cfg.data, cfg.trainer.batch_size, cfg.seed, device, reconstruct)
+            model, trained = _build_model(cfg, data.info, device, world)
+        except (MemoryError, RuntimeError) as ex:
+            memory = _out_of_memory(ex, device)
+            if memory is None:
+                raise
+            raise memory from None
         optimizer = build_optimizer(cfg.optimizer, model)
         scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.trainer.epochs)
         plain_cfg = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))

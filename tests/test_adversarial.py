@@ -408,7 +408,7 @@ def test_an_empty_outputs_folder_from_the_environment_is_refused(
         ("DLFS_RUN_STAMP", "../../escaped", r"DLFS_RUN_STAMP='../../escaped': a run folder's name"),
         ("WORLD_SIZE", "abc", r"WORLD_SIZE='abc': torchrun sets it to a number"),  # a ValueError traceback
         ("WORLD_SIZE", "2", r"WORLD_SIZE=2 without RANK: run it under torchrun"),  # a KeyError traceback
-        ("RANK", "x", r"RANK='x': torchrun sets it to a number"),
+        ("WORLD_SIZE", "²", r"WORLD_SIZE='²': torchrun sets it to a number"),  # a digit to isdigit, not to int
     ],
 )
 def test_the_environment_a_run_reads_is_checked_before_anything_is_written(
@@ -423,6 +423,14 @@ def test_the_environment_a_run_reads_is_checked_before_anything_is_written(
     with pytest.raises(DlfsError, match=said):
         api.train(*SMOKE)
     assert snapshot(world) == before
+
+
+def test_a_summary_json_of_another_tool_above_is_not_a_run(world: Path, dlfs) -> None:
+    """A run folder inside a run's folder is refused; a folder that merely has a file named summary.json (another
+    tool's, in /tmp or a home folder) is not a run's, and does not refuse the runs below it."""
+    (world / "other").mkdir()
+    (world / "other" / "summary.json").write_text("{}\n")
+    assert dlfs("train", *SMOKE, "figures.enabled=false", "hydra.run.dir=other/run").code == 0
 
 
 def test_a_relative_data_path_is_saved_absolute(world: Path, dlfs, run_here) -> None:

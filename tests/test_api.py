@@ -116,6 +116,19 @@ def test_every_error_of_the_api_is_a_dlfs_error(tmp_path: Path, monkeypatch: pyt
     metrics.write_text("\n".join([rows[0], rows[1].replace(rows[1].split(",")[-1], "x", 1), *rows[2:]]) + "\n")
     with pytest.raises(DlfsError, match=r"metrics\.csv: line 2, column \w+ is 'x', not a number"):
         run.history()
+
+    def with_epoch(value: str) -> str:
+        cells = dict(zip(rows[0].split(","), rows[1].split(","), strict=True))
+        return ",".join((cells | {"epoch": value}).values())
+
+    for bad_row, said in (
+        (rows[1] + ",9", r"line 2 has more cells than the header"),  # was a TypeError
+        (with_epoch("nan"), r"column epoch is 'nan'"),  # int(nan): a ValueError of its own
+        (with_epoch("1e400"), r"column epoch is '1e400'"),  # int(inf): an OverflowError
+    ):
+        metrics.write_text("\n".join([rows[0], bad_row, *rows[2:]]) + "\n")
+        with pytest.raises(DlfsError, match=said):
+            run.history()
     bad = tmp_path / "outputs" / "bad"
     api.train(*QUICK, "trainer.epochs=1", run_dir=bad)
     (bad / "config.yaml").write_text("model: [\n")

@@ -166,6 +166,31 @@ def test_a_run_saved_with_the_old_trainer_seed_evaluates_and_resumes(make_cfg, t
     assert_same_run(straight, run)
 
 
+def test_a_text_run_saved_before_data_max_chars_resumes(make_cfg, tmp_path: Path) -> None:
+    """data.max_chars came after runs of the LSTM were saved: their checkpoints' config hash was taken without
+    it, and a resume of them must not be refused as another model's ("refusing to mix them")."""
+    import hashlib
+
+    overrides = ["model=lstm_charmodel", "model.hidden_size=8", "device=cpu", "figures.enabled=false"]
+    overrides += ["trainer.limit_batches=3"]
+    run = tmp_path / "old"
+    train(make_cfg(*overrides, "trainer.epochs=1"), run)
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("  max_chars: 1000000000\n", ""))
+    for name in ("last", "best"):  # as the version before wrote them: no max_chars, hashed without it
+        path = run / "checkpoints" / f"{name}.pt"
+        state = torch.load(path, weights_only=True)
+        del state["config"]["data"]["max_chars"]
+        defining = {k: state["config"].get(k) for k in checkpoint_module.DEFINING}
+        hashed = json.dumps(defining, sort_keys=True, default=str).encode()
+        state["config_hash"] = hashlib.sha256(hashed).hexdigest()[:16]
+        torch.save(state, path)
+    assert "max_chars" not in (run / "config.yaml").read_text()
+    more = ["trainer.epochs=2"]
+    cfg, state = prepare(make_cfg(f"resume={run}", *overrides, *more), [f"resume={run}", *more], run)
+    train(cfg, run, state)
+    assert json.loads((run / "summary.json").read_text())["epochs_completed"] == 2
+
+
 def test_a_summary_behind_its_checkpoint_resumes_from_the_checkpoint(make_cfg, tmp_path: Path) -> None:
     """A run killed after writing last.pt and before updating summary.json: the checkpoint is the truth."""
     run = tmp_path / "run"

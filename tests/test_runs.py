@@ -349,6 +349,12 @@ def test_the_table_drawn_by_hand_is_the_one_rich_draws(mixed: Path, monkeypatch:
 
     plain = printed(True, False)
     assert "│" in plain and plain == printed(False, False)
+    # what rich draws its own way (an :emoji: code, a line break in a name): rich draws the whole table
+    for name in ("a:smile:b", "line\nbreak"):
+        (mixed / name).mkdir()
+        (mixed / "old" / "boston").rename(mixed / name / "run")
+        assert printed(True, False) == printed(False, False)
+        (mixed / name / "run").rename(mixed / "old" / "boston")
     coloured = printed(True, True)
     assert "\x1b[32mcompleted\x1b[0m" in coloured  # the status in its colour, as rich's table has it
     no_colour = re.compile(r"\x1b\[[0-9;]*m")

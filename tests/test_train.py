@@ -249,6 +249,14 @@ def test_running_out_of_memory_is_one_line_and_a_failed_run(
     assert line.startswith("dlfs: error: out of memory on cpu (") and "try a smaller trainer.batch_size" in line
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["error"].startswith("out of memory on cpu")
+    # before the run's folder has its files: building the data (a text's indices on the device) or the model
+    import dlfs_cli.train
+
+    monkeypatch.setattr(dlfs_cli.train, "build_data", short_of_memory)
+    out = run_here("train", *SMOKE, "hydra.run.dir=early", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr + out.stdout, out.stderr
+    assert out.stderr.startswith("dlfs: error: out of memory on cpu (") and len(out.stderr.splitlines()) == 1
+    assert not (tmp_path / "early").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
