@@ -252,6 +252,7 @@ CASES = [
         r"error: loss=mse does not fit model=mnist_cnn",
     ),
     ("loss-lstm", ["train", "model=lstm_charmodel", "loss=mse"], 2, r"use loss=cross_entropy$"),
+    ("loss-autoencoder", ["train", "model=autoencoder", "data=digits", "loss=cross_entropy"], 2, r"use loss=mse$"),
     # data are checked as data: every cell finite, a header that is one, an archive that opens
     ("csv-nan", ["train", "data.path=nan.csv"], 2, r"nan\.csv: line 3, column 2 is nan, not a finite number"),
     ("csv-float32", ["train", "data.path=huge.csv"], 2, r"huge\.csv: line 2, column 14 is 1e\+39, beyond float32's"),
