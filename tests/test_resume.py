@@ -141,6 +141,32 @@ def test_resume_policy(make_cfg, tmp_path: Path) -> None:
     assert summary(run)["epochs_completed"] == 3 and summary(run)["metrics"] == metrics
 
 
+@pytest.mark.parametrize(
+    ("scheduler", "refused"),
+    [
+        (["scheduler=cosine"], True),  # t_max null: the half cosine spans trainer.epochs
+        (["scheduler=exponential", "scheduler.final_lr=0.001"], True),  # reaches final_lr in the last epoch
+        (["scheduler=cosine", "scheduler.t_max=2"], False),  # its own length: more epochs change nothing before
+        (["scheduler=exponential", "scheduler.gamma=0.5"], False),
+    ],
+    ids=["cosine", "exponential-final-lr", "cosine-t-max", "exponential-gamma"],
+)
+def test_a_scheduler_fitted_to_the_epochs_refuses_a_resume_that_changes_them(
+    make_cfg, tmp_path: Path, scheduler: list[str], refused: bool
+) -> None:
+    """A schedule drawn over trainer.epochs would be another schedule with other epochs: its resume cannot
+    change them (a resume that could would train the later epochs on a learning rate the run never had)."""
+    run = tmp_path / "run"
+    base = ["trainer.epochs=2", "trainer.limit_batches=2", "device=cpu", "figures.enabled=false", *scheduler]
+    train(make_cfg(*base), run)
+    more = ["trainer.epochs=3"]
+    if refused:
+        with pytest.raises(DlfsError, match=r"resume cannot change trainer.epochs of this run: its scheduler=\w+ was "):
+            resume_config(make_cfg(*base, *more), ["resume=x", *more], run)
+    else:
+        assert resume_config(make_cfg(*base, *more), ["resume=x", *more], run).trainer.epochs == 3
+
+
 def test_a_run_saved_with_the_old_trainer_seed_evaluates_and_resumes(make_cfg, tmp_path: Path) -> None:
     """Runs saved before dlfs had one seed key carry `trainer.seed` in config.yaml and in their
     checkpoints: eval and resume still read them, the old key giving the run's seed."""

@@ -74,6 +74,38 @@ def test_a_sweep_ends_with_summary_csv_ranked_by_the_metric(seed_sweep) -> None:
     assert (sweep / "sweep.png").read_bytes().startswith(b"\x89PNG") and "picture: sweep/sweep.png" in out.stdout
 
 
+@pytest.mark.parametrize(
+    ("metric", "direction", "order"),
+    [
+        ("val_loss", "auto", ["0.3", "0.1", "0.2"]),  # lowest first
+        ("val_accuracy", "auto", ["0.2", "0.1", "0.3"]),  # a metric named accuracy: highest first
+        ("val_loss", "maximize", ["0.2", "0.1", "0.3"]),
+        ("val_accuracy", "minimize", ["0.3", "0.1", "0.2"]),
+    ],
+)
+def test_the_sweep_ranks_by_its_metric_in_its_direction(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], metric: str, direction: str, order: list[str]
+) -> None:
+    """The printed table is best first by sweep.metric in sweep.direction (only val_loss lowest-first was
+    checked: a reversed ranking, or one that ignored the direction, passed)."""
+    from dlfs_cli import sweep as sweep_module
+
+    for job, (lr, loss, accuracy) in enumerate([("0.1", 0.5, 0.8), ("0.2", 0.9, 0.9), ("0.3", 0.2, 0.1)]):
+        folder = tmp_path / "sw" / str(job)
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "overrides.yaml").write_text(f"- optimizer.lr={lr}\n")
+        metrics = {"val_loss": loss, "val_accuracy": accuracy}
+        (folder / "summary.json").write_text(json.dumps({"status": "completed", "metrics": metrics}))
+    folder_ = sweep_module.SweepFolder()
+    folder_.path, folder_.metric, folder_.direction = tmp_path / "sw", metric, direction
+    sweep_module.summarize(folder_)
+    out = capsys.readouterr().out
+    rows = [line.split("│") for line in out.splitlines() if line.startswith("│") and "completed" in line]
+    assert [cells[3].strip() for cells in rows] == order, out  # #, job, optimizer.lr, ...
+    expected = "highest" if (direction == "maximize" or (direction == "auto" and "accuracy" in metric)) else "lowest"
+    assert f"best first by {metric} ({expected})" in out
+
+
 @on_the_sweeps_worker
 def test_seeds_of_one_setting_are_aggregated(seed_sweep) -> None:
     sweep, out = seed_sweep

@@ -68,6 +68,23 @@ def test_a_sweep_finishes_what_failed_or_was_interrupted(run_here, make_cfg, tmp
     assert out.returncode == 0 and (sweep / "0" / "summary.json").read_text() == before
 
 
+def test_completed_and_diverged_jobs_are_left_alone(run_here, tmp_path: Path) -> None:
+    """A job that diverged would diverge again at the same step from its last.pt: resume=<sweep> leaves it as it
+    is, with the completed ones, and runs the failed one again."""
+    sweep = tmp_path / "sw"
+    for job, state in (("0", "completed"), ("1", "diverged"), ("2", "failed")):
+        (sweep / job / ".hydra").mkdir(parents=True)
+        (sweep / job / ".hydra" / "overrides.yaml").write_text("- trainer.epochs=1\n- trainer.limit_batches=2\n")
+        (sweep / job / "summary.json").write_text(json.dumps({"status": state, "error": "as it was"}) + "\n")
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")  # a sweep made it
+    before = {job: (sweep / job / "summary.json").read_text() for job in "01"}
+    out = run_here("train", "resume=sw", cwd=tmp_path)
+    assert out.returncode == 2 and "1 of the sweep's jobs did not complete (job" in out.stderr, out.stderr
+    assert {job: (sweep / job / "summary.json").read_text() for job in "01"} == before
+    assert not (sweep / "1" / "metrics.csv").exists()  # never trained again
+    assert status(sweep / "2") == "completed"
+
+
 def test_resuming_a_sweep_takes_no_other_arguments(run_here, tmp_path: Path) -> None:
     (tmp_path / "sw" / "0" / ".hydra").mkdir(parents=True)
     (tmp_path / "sw" / "0" / ".hydra" / "overrides.yaml").write_text("- optimizer.lr=0.1\n")

@@ -174,6 +174,53 @@ def test_optimizers_and_schedulers_train(make_cfg, tmp_path: Path, overrides: li
     assert metrics["test_loss"] > 0
 
 
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        # StepLR: halved after every epoch
+        (["scheduler=step", "scheduler.step_size=1", "scheduler.gamma=0.5"], [0.01, 0.005, 0.0025]),
+        # CosineAnnealingLR over the 3 epochs: lr_e = eta_min + (lr - eta_min) (1 + cos(pi e / 3)) / 2
+        (["scheduler=cosine", "scheduler.eta_min=0.001"], [0.01, 0.001 + 0.009 * 0.75, 0.001 + 0.009 * 0.25]),
+        (["scheduler=none"], [0.01, 0.01, 0.01]),
+    ],
+    ids=["step", "cosine", "none"],
+)
+def test_each_scheduler_sets_the_learning_rate_of_each_epoch(
+    make_cfg, tmp_path: Path, overrides: list[str], expected: list[float]
+) -> None:
+    """The learning rate each epoch trained with, as metrics.csv records it: a scheduler that was never
+    stepped, or never built, would leave 0.01 in every epoch (the smoke tests above only see a loss)."""
+    run = tmp_path / "run"
+    train(make_cfg(*SMOKE, *NO_FIGURES, "trainer.epochs=3", "optimizer.lr=0.01", *overrides), run)
+    by_epoch = {int(r["epoch"]): float(r["lr"]) for r in read_metrics(run) if r["split"] == "train"}
+    assert [by_epoch[e] for e in (1, 2, 3)] == pytest.approx(expected)
+
+
+def test_weights_gone_nan_after_the_last_step_are_divergence_and_never_saved(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The training losses were all finite, then the weights are NaN when the held-out split is measured (an
+    overflow in the last update): the run is diverged, and no checkpoint holds the NaN weights."""
+    import dlfs_cli.trainer
+
+    real = dlfs_cli.trainer.evaluate
+
+    def poisoned(net, *args, **kwargs):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.fill_(math.nan)
+        return real(net, *args, **kwargs)
+
+    monkeypatch.setattr(dlfs_cli.trainer, "evaluate", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(DlfsError, match="diverged"):
+        train(make_cfg(*SMOKE, *NO_FIGURES, "trainer.epochs=1"), run)
+    assert json.loads((run / "summary.json").read_text())["status"] == "diverged"
+    for path in (run / "checkpoints").glob("*.pt"):
+        weights = torch.load(path, weights_only=True)["model"]
+        assert all(torch.isfinite(w).all() for w in weights.values()), path
+
+
 def test_the_books_exponential_decay_reaches_final_lr_in_the_last_epoch(make_cfg, tmp_path: Path) -> None:
     run = tmp_path / "run"
     train(
