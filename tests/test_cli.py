@@ -24,7 +24,7 @@ def test_help_lists_the_commands(run_here, tmp_path: Path) -> None:
 
 def test_unknown_command_is_refused(run_here, tmp_path: Path) -> None:
     out = run_here("trian", cwd=tmp_path)
-    assert out.returncode != 0 and "unknown command 'trian'" in out.stderr and "train" in out.stderr
+    assert out.returncode == 2 and "unknown command 'trian'" in out.stderr and "train" in out.stderr
 
 
 def test_train_help_shows_the_config_groups_and_their_options(run_here, tmp_path: Path) -> None:
@@ -89,7 +89,7 @@ def test_device_cuda_without_cuda_is_refused(run_here, tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     out = run_here("train", "device=cuda", cwd=tmp_path)
-    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "Traceback" not in out.stderr
     assert (
         out.stderr.strip()
         == "dlfs: error: device=cuda: CUDA is not available on this machine; use device=cpu or device=auto"
@@ -108,7 +108,7 @@ def test_a_cli_run_writes_the_whole_run_folder(run_here, tmp_path: Path) -> None
     assert "epoch 2/2" in out.stdout  # plain log lines when the output is not a terminal
 
     again = run_here("train", "hydra.run.dir=myrun", cwd=tmp_path)  # never overwrite a finished run
-    assert again.returncode != 0 and "already holds a run" in again.stderr
+    assert again.returncode == 2 and "already holds a run" in again.stderr
 
 
 @pytest.mark.slow

@@ -202,7 +202,7 @@ def test_eval_errors_are_one_line(run_here, tmp_path: Path) -> None:
         (["run=empty", "checkpoint=first"], "invalid value for checkpoint"),
     ):
         out = run_here("eval", *args, cwd=tmp_path)
-        assert out.returncode != 0 and "Traceback" not in out.stderr
+        assert out.returncode == 2 and "Traceback" not in out.stderr
         assert len(out.stderr.strip().splitlines()) == 1 and message in out.stderr, out.stderr
 
 
@@ -210,7 +210,7 @@ def test_truncated_mnist_file_ends_the_cli_run_naming_it(run_here, mnist_root: P
     images = mnist_root.joinpath(*RAW, "train-images-idx3-ubyte")
     images.write_bytes(images.read_bytes()[:5000])
     out = run_here("train", "model=mnist_cnn", f"data.root={mnist_root}", cwd=tmp_path)
-    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().splitlines() == [out.stderr.strip()]
     assert f"{images} is truncated" in out.stderr
     assert not (tmp_path / "outputs").exists()

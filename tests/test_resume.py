@@ -303,7 +303,7 @@ def test_second_signal_aborts_at_once() -> None:
 
 def test_divergence_from_the_cli(run_here, tmp_path: Path) -> None:
     out = run_here("train", "model=boston", "optimizer.lr=1e6", "hydra.run.dir=run", cwd=tmp_path)
-    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "diverged" in out.stderr and "at step" in out.stderr and "lower optimizer.lr" in out.stderr
     assert summary(tmp_path / "run")["status"] == "diverged"
 
@@ -338,12 +338,12 @@ def test_a_malicious_checkpoint_is_refused_and_runs_nothing(run_here, make_cfg, 
     with open(run / "checkpoints" / "last.pt", "wb") as f:
         pickle.dump({"model": Exploit(marker)}, f)
     out = run_here("train", f"resume={run}", "trainer.epochs=2", cwd=tmp_path)
-    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "refused" in out.stderr and "last.pt" in out.stderr and len(out.stderr.strip().splitlines()) == 1
     assert not marker.exists()
     for command in (["eval", f"run={run}"],):
         out = run_here(*command, cwd=tmp_path)
-        assert out.returncode != 0 and "refused" in out.stderr and not marker.exists()
+        assert out.returncode == 2 and "refused" in out.stderr and not marker.exists()
 
 
 def test_a_checkpoint_of_another_model_is_refused_naming_both(run_here, make_cfg, tmp_path: Path) -> None:
@@ -362,7 +362,7 @@ def test_a_checkpoint_of_another_model_is_refused_naming_both(run_here, make_cfg
     )
     shutil.copy(boston / "checkpoints" / "last.pt", cnn / "checkpoints" / "last.pt")
     out = run_here("train", f"resume={cnn}", "trainer.epochs=2", cwd=tmp_path)
-    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "model=boston data=boston" in out.stderr and "model=mnist_cnn data=digits" in out.stderr
 
 
@@ -422,5 +422,5 @@ def test_deterministic_switch_is_recorded(make_cfg, tmp_path: Path) -> None:
 
 def test_resume_of_a_missing_folder_is_one_line(tmp_path: Path) -> None:
     out = run_dlfs("train", "resume=nowhere", cwd=tmp_path)
-    assert out.returncode != 0 and out.stderr.strip() == "dlfs: error: resume=nowhere: no such folder"
+    assert out.returncode == 2 and out.stderr.strip() == "dlfs: error: resume=nowhere: no such folder"
     assert not (tmp_path / "nowhere").exists()

@@ -274,7 +274,7 @@ def test_generate_errors_are_one_line(run_here, tmp_path: Path) -> None:
         (["run=x", "temperature=-1"], "invalid value for temperature"),
     ):
         out = run_here("generate", *args, cwd=tmp_path)
-        assert out.returncode != 0 and "Traceback" not in out.stderr
+        assert out.returncode == 2 and "Traceback" not in out.stderr
         assert len(out.stderr.strip().splitlines()) == 1 and message in out.stderr, out.stderr
 
 
