@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-dlfs
 ARGS   ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-python test-slow test-gpu lint reproduce bench clean
+.PHONY: help install train test test-python test-slow test-gpu lint reproduce bench mutate clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -49,10 +49,17 @@ reproduce: install ## `dlfs reproduce`: the book's chapter-7 table, re-run (non-
 bench: install ## the benchmarks (tests/benchmarks; about 10 minutes) and the table of speed targets
 	$(BIN)/python tests/benchmarks/run_all.py $(ARGS)
 
+# cosmic-ray in a venv of its own (its SQLAlchemy 2 would clash with the optuna extra's SQLAlchemy < 2)
+MUTATE_VENV := .venv-mutate
+
+mutate: install ## mutation testing of the modules that keep promises (cosmic-ray; hours; MODULES=dlfs_cli/resume.py: one)
+	test -x $(MUTATE_VENV)/bin/cosmic-ray || ($(PYTHON) -m venv $(MUTATE_VENV) && $(MUTATE_VENV)/bin/pip install "cosmic-ray>=8.3,<9")
+	$(BIN)/python tests/mutation/run.py $(MODULES)
+
 lint: install ## ruff + mypy
 	$(BIN)/ruff check dlfs_cli tests
 	$(BIN)/ruff format --check dlfs_cli tests
 	$(BIN)/mypy
 
 clean: ## remove the virtual environment and caches (runs in outputs/ are kept)
-	rm -rf $(VENV) .tox build *.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(MUTATE_VENV) .tox build *.egg-info .pytest_cache .ruff_cache .mypy_cache
