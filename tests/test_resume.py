@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import pickle
+import random
 import re
 import resource
 import shutil
@@ -233,8 +234,14 @@ def test_a_summary_behind_its_checkpoint_resumes_from_the_checkpoint(make_cfg, t
 
 @pytest.mark.slow
 def test_sigint_at_a_random_moment_then_resume_equals_straight(straight_digits: Path, tmp_path: Path) -> None:
-    """The acceptance check of exact resume, through the CLI: one random step here, five in test_slow_resume."""
-    interrupt_and_compare(straight_digits, DIGITS_CNN, tmp_path, after_step=10 + time.time_ns() % 300)
+    """The acceptance check of exact resume, through the CLI: one random step here, five in test_slow_resume.
+    The step is drawn from a seed that a failure names, so that it can be replayed: DLFS_TEST_SEED=N."""
+    seed = int(os.environ.get("DLFS_TEST_SEED", time.time_ns() % 2**32))
+    step = 10 + random.Random(seed).randrange(300)
+    try:
+        interrupt_and_compare(straight_digits, DIGITS_CNN, tmp_path, after_step=step)
+    except AssertionError as ex:
+        raise AssertionError(f"stopped after step {step}; replay with DLFS_TEST_SEED={seed}: {ex}") from ex
 
 
 def interrupt_and_compare(
