@@ -394,6 +394,59 @@ def test_a_full_disk_fails_the_run_and_keeps_the_previous_checkpoint(make_cfg, t
     assert not list((run / "checkpoints").glob(".*.tmp"))
 
 
+class _FullDisk:
+    """A file on a disk with `free` bytes left: past them, a write fails as a full disk's does (ENOSPC)."""
+
+    def __init__(self, f, free: int) -> None:
+        self.f, self.free = f, free
+
+    def write(self, data) -> int:
+        if len(data) > self.free:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.free -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name: str):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()
+
+
+def test_a_disk_that_fills_inside_torchs_writer_keeps_the_previous_checkpoint(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No root, no mount: the disk fills 1,000 bytes into the second last.pt, while torch's own writer (C++) is
+    writing it. The run fails with the README's one line, the first last.pt is kept, no temporary file stays."""
+    import builtins
+
+    import dlfs_cli.tracking
+
+    opened: list[str] = []
+
+    def open_on_a_filling_disk(file, mode="r", *args, **kwargs):
+        f = builtins.open(file, mode, *args, **kwargs)
+        if str(file).endswith(".last.pt.tmp"):
+            opened.append(str(file))
+            if len(opened) == 2:
+                return _FullDisk(f, free=1000)
+        return f
+
+    monkeypatch.setattr(dlfs_cli.tracking, "open", open_on_a_filling_disk, raising=False)
+    run = tmp_path / "run"
+    with pytest.raises(
+        DlfsError, match=r"^could not write checkpoint .*last\.pt: the disk is full; the previous one is kept$"
+    ):
+        train(make_cfg("trainer.epochs=3", "device=cpu", "figures.enabled=false"), run)
+    assert len(opened) == 2
+    assert summary(run)["status"] == "failed" and "the disk is full" in summary(run)["error"]
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1  # the previous one
+    assert not list((run / "checkpoints").glob(".*.tmp"))
+
+
 def test_a_checkpoint_that_torchs_own_writer_cannot_write_is_one_line(tmp_path: Path) -> None:
     """A write that fails inside torch.save (a full disk, a file size limit) came out of torch's C++ writer as
     a RuntimeError with neither reason nor file, and 100 lines of traceback. A real process, whose files may
