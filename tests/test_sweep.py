@@ -96,9 +96,9 @@ def test_the_sweep_ranks_by_its_metric_in_its_direction(
         (folder / ".hydra" / "overrides.yaml").write_text(f"- optimizer.lr={lr}\n")
         metrics = {"val_loss": loss, "val_accuracy": accuracy}
         (folder / "summary.json").write_text(json.dumps({"status": "completed", "metrics": metrics}))
-    folder_ = sweep_module.SweepFolder()
-    folder_.path, folder_.metric, folder_.direction = tmp_path / "sw", metric, direction
-    sweep_module.summarize(folder_)
+    swept = sweep_module.SweepFolder()
+    swept.path, swept.metric, swept.direction = tmp_path / "sw", metric, direction
+    sweep_module.summarize(swept)
     out = capsys.readouterr().out
     rows = [line.split("│") for line in out.splitlines() if line.startswith("│") and "completed" in line]
     assert [cells[3].strip() for cells in rows] == order, out  # #, job, optimizer.lr, ...
