@@ -526,11 +526,10 @@ def started_in(run: Path) -> Path | None:
     """The folder a run's command was given in (Hydra's hydra.runtime.cwd), or None where it is not recorded."""
     import yaml
 
+    from dlfs_cli.runs import YAML_LOADER
+
     try:
-        tree = yaml.load(
-            (run / ".hydra" / "hydra.yaml").read_text(encoding="utf-8"),
-            Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader),
-        )
+        tree = yaml.load((run / ".hydra" / "hydra.yaml").read_text(encoding="utf-8"), Loader=YAML_LOADER)
         cwd = tree["hydra"]["runtime"]["cwd"]
     except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):  # ValueError: not UTF-8
         return None

@@ -116,7 +116,7 @@ def _is_file(path: Path) -> bool:
 
 
 # libyaml's parser where PyYAML has it (its wheels do): the pure-Python one took 9 ms a hydra.yaml
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _read(run: Path, name: Path) -> str:
@@ -128,7 +128,7 @@ def _read(run: Path, name: Path) -> str:
 
 def _load_yaml(run: Path, name: Path, text: str | None = None) -> Any:
     try:
-        return yaml.load(_read(run, name) if text is None else text, Loader=_YAML_LOADER)
+        return yaml.load(_read(run, name) if text is None else text, Loader=YAML_LOADER)
     except yaml.YAMLError as ex:
         raise _Unreadable(f"unreadable {name}: {unreadable_reason(ex)}") from None
 
@@ -696,10 +696,11 @@ def _print_table(
             no_wrap=fit is not None,
             overflow="ellipsis" if fit else "fold",
         )
-    for run, row in zip(runs, cells, strict=True) if lines is None else ():
-        table.add_row(
-            *(_styled(run.status) if c.name == "status" else escape(t) for c, t in zip(shown, row, strict=True))
-        )
+    if lines is None:  # rich draws the rows
+        for run, row in zip(runs, cells, strict=True):
+            table.add_row(
+                *(_styled(run.status) if c.name == "status" else escape(t) for c, t in zip(shown, row, strict=True))
+            )
     console = table_console()
     if fit is None and not console.is_terminal:  # a file or a pipe: nothing folded
         natural = Measurement.get(console, console.options.update_width(1_000_000), table).maximum

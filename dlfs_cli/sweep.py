@@ -388,7 +388,7 @@ def _direction(metric: str, direction: str) -> str:
 # ${dlfs_direction:${sweep.metric},${sweep.direction}}: the study's direction, as the sweep's table ranks
 OmegaConf.register_new_resolver(
     "dlfs_direction",
-    lambda metric, direction: _direction(str(metric), str(getattr(direction, "value", direction))),
+    lambda metric, direction: _direction(str(metric), _value(direction)),
     replace=True,
 )
 
